@@ -1,0 +1,516 @@
+"""Policies for QC: a flow-matching actor over action chunks, an ensemble of chunk critics, and an
+optional one-step (distilled) actor."""
+
+import math
+from typing import Any
+
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.policies import BaseModel, BasePolicy
+from stable_baselines3.common.preprocessing import get_action_dim
+from stable_baselines3.common.torch_layers import (
+    BaseFeaturesExtractor,
+    CombinedExtractor,
+    FlattenExtractor,
+    create_mlp,
+)
+from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
+from torch import nn
+from torch.nn import functional as F
+
+ACTOR_TYPES = ("best_of_n", "distill")
+Q_AGGREGATIONS = ("mean", "min")
+
+
+class EnsembleLinear(nn.Module):
+    """
+    ``n_members`` independent linear layers evaluated with one batched matmul.
+
+    :param n_members: number of ensemble members (K)
+    :param in_features: input size
+    :param out_features: output size
+    :param bias: whether to add a bias
+    """
+
+    def __init__(self, n_members: int, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(th.empty(n_members, in_features, out_features))
+        self.bias = nn.Parameter(th.empty(n_members, 1, out_features)) if bias else None
+        # Same initialisation as nn.Linear, member by member.
+        bound = 1.0 / math.sqrt(in_features) if in_features > 0 else 0.0
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: th.Tensor) -> th.Tensor:
+        """
+        :param x: (K, B, in) or (B, in) (the same input for every member)
+        :return: (K, B, out)
+        """
+        if x.dim() == 2:
+            out = th.matmul(x, self.weight)
+        else:
+            out = th.bmm(x, self.weight)
+        return out if self.bias is None else out + self.bias
+
+
+class EnsembleLayerNorm(nn.Module):
+    """LayerNorm over the last dimension with a separate affine transform per ensemble member."""
+
+    def __init__(self, n_members: int, features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(th.ones(n_members, 1, features))
+        self.bias = nn.Parameter(th.zeros(n_members, 1, features))
+
+    def forward(self, x: th.Tensor) -> th.Tensor:
+        return F.layer_norm(x, x.shape[-1:]) * self.weight + self.bias
+
+
+def _make_extractor(
+    observation_space: spaces.Space,
+    features_extractor_class: type[BaseFeaturesExtractor],
+    features_extractor_kwargs: dict[str, Any],
+) -> BaseFeaturesExtractor:
+    return features_extractor_class(observation_space, **features_extractor_kwargs)
+
+
+class FlowVelocityField(nn.Module):
+    """
+    The velocity field v(s, x, t) of a flow-matching policy over (flattened) action chunks.
+
+    The first layer is split into an observation part and an (x, t) part: the sum equals one linear layer
+    over the concatenation, but the observation's share is computed once per observation and reused for
+    every sample and every Euler step.
+
+    :param features_dim: size of the observation features
+    :param action_dim: size of the flattened chunk
+    :param net_arch: hidden layer sizes
+    :param activation_fn: activation function
+    :param layer_norm: LayerNorm after each hidden activation
+    """
+
+    def __init__(
+        self,
+        features_dim: int,
+        action_dim: int,
+        net_arch: list[int],
+        activation_fn: type[nn.Module] = nn.GELU,
+        layer_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        assert len(net_arch) > 0, "The flow actor needs at least one hidden layer"
+        self.obs_in = nn.Linear(features_dim, net_arch[0])
+        self.xt_in = nn.Linear(action_dim + 1, net_arch[0], bias=False)
+        layers: list[nn.Module] = [activation_fn()]
+        if layer_norm:
+            layers.append(nn.LayerNorm(net_arch[0]))
+        for in_size, out_size in zip(net_arch[:-1], net_arch[1:]):
+            layers += [nn.Linear(in_size, out_size), activation_fn()]
+            if layer_norm:
+                layers.append(nn.LayerNorm(out_size))
+        layers.append(nn.Linear(net_arch[-1], action_dim))
+        self.body = nn.Sequential(*layers)
+
+    def embed_obs(self, features: th.Tensor) -> th.Tensor:
+        """The observation's share of the first layer."""
+        return self.obs_in(features)
+
+    def velocity(self, obs_embedding: th.Tensor, x: th.Tensor, t: th.Tensor) -> th.Tensor:
+        """
+        :param obs_embedding: ``embed_obs(features)``, broadcastable to x's leading dims
+        :param x: points on the flow path (..., action_dim)
+        :param t: times (..., 1)
+        """
+        return self.body(obs_embedding + self.xt_in(th.cat([x, t], dim=-1)))
+
+    def forward(self, features: th.Tensor, x: th.Tensor, t: th.Tensor) -> th.Tensor:
+        return self.velocity(self.embed_obs(features), x, t)
+
+    def integrate(self, obs_embedding: th.Tensor, noise: th.Tensor, flow_steps: int) -> th.Tensor:
+        """
+        Euler integration of the flow from noise (t=0) to actions (t=1), clipped to [-1, 1].
+
+        :param obs_embedding: (B, 1, hidden) or (B, hidden), broadcast over samples
+        :param noise: x0 ~ N(0, I), shape (B, N, action_dim) or (B, action_dim)
+        :param flow_steps: number of Euler steps
+        """
+        x = noise
+        for i in range(flow_steps):
+            t = x.new_full((*x.shape[:-1], 1), i / flow_steps)
+            x = x + self.velocity(obs_embedding, x, t) / flow_steps
+        return x.clamp(-1.0, 1.0)
+
+
+class FlowActor(BaseModel):
+    """
+    The actor of QC: a flow-matching behaviour-cloning model over chunks, and for ``actor_type="distill"``
+    a one-step policy mu(s, z) distilled from it (QC-FQL).
+
+    :param observation_space: observation space
+    :param action_space: the (chunk) action space
+    :param net_arch: hidden layer sizes
+    :param features_extractor: network that turns observations into features
+    :param features_dim: size of the features
+    :param activation_fn: activation function
+    :param layer_norm: LayerNorm in the actor networks
+    :param actor_type: "best_of_n" (QC) or "distill" (QC-FQL)
+    :param normalize_images: whether to divide images by 255
+    """
+
+    def __init__(
+        self,
+        observation_space: spaces.Space,
+        action_space: spaces.Box,
+        net_arch: list[int],
+        features_extractor: BaseFeaturesExtractor,
+        features_dim: int,
+        activation_fn: type[nn.Module] = nn.GELU,
+        layer_norm: bool = False,
+        actor_type: str = "best_of_n",
+        normalize_images: bool = True,
+    ) -> None:
+        super().__init__(
+            observation_space,
+            action_space,
+            features_extractor=features_extractor,
+            normalize_images=normalize_images,
+        )
+        action_dim = get_action_dim(action_space)
+        self.flow = FlowVelocityField(features_dim, action_dim, net_arch, activation_fn, layer_norm)
+        self.onestep: nn.Module | None = None
+        if actor_type == "distill":
+            layers = create_mlp(features_dim + action_dim, action_dim, net_arch, activation_fn)
+            self.onestep = nn.Sequential(*layers)
+
+
+class EnsembleCritic(BaseModel):
+    """
+    K critics Q_k(s, chunk) evaluated as one batched network.
+
+    :param observation_space: observation space
+    :param action_space: the (chunk) action space
+    :param net_arch: hidden layer sizes
+    :param features_extractor: network that turns observations into features
+    :param features_dim: size of the features
+    :param activation_fn: activation function
+    :param n_critics: ensemble size K
+    :param layer_norm: LayerNorm after each hidden activation (the paper's default)
+    :param normalize_images: whether to divide images by 255
+    """
+
+    def __init__(
+        self,
+        observation_space: spaces.Space,
+        action_space: spaces.Box,
+        net_arch: list[int],
+        features_extractor: BaseFeaturesExtractor,
+        features_dim: int,
+        activation_fn: type[nn.Module] = nn.GELU,
+        n_critics: int = 2,
+        layer_norm: bool = True,
+        normalize_images: bool = True,
+    ) -> None:
+        super().__init__(
+            observation_space,
+            action_space,
+            features_extractor=features_extractor,
+            normalize_images=normalize_images,
+        )
+        assert len(net_arch) > 0, "The critic needs at least one hidden layer"
+        action_dim = get_action_dim(action_space)
+        self.n_critics = n_critics
+        # The first layer is split like the actor's so the observation's share can be reused across samples.
+        self.obs_in = EnsembleLinear(n_critics, features_dim, net_arch[0])
+        self.action_in = EnsembleLinear(n_critics, action_dim, net_arch[0], bias=False)
+        layers: list[nn.Module] = [activation_fn()]
+        if layer_norm:
+            layers.append(EnsembleLayerNorm(n_critics, net_arch[0]))
+        for in_size, out_size in zip(net_arch[:-1], net_arch[1:]):
+            layers += [EnsembleLinear(n_critics, in_size, out_size), activation_fn()]
+            if layer_norm:
+                layers.append(EnsembleLayerNorm(n_critics, out_size))
+        layers.append(EnsembleLinear(n_critics, net_arch[-1], 1))
+        self.body = nn.Sequential(*layers)
+
+    def q_from_features(self, features: th.Tensor, actions: th.Tensor) -> th.Tensor:
+        """
+        :param features: (B, features_dim)
+        :param actions: (B, action_dim) or (B, N, action_dim) for N candidate chunks per observation
+        :return: Q values, (K, B) or (K, B, N)
+        """
+        batch_shape = actions.shape[:-1]
+        obs_part = self.obs_in(features)  # (K, B, H)
+        action_part = self.action_in(actions.reshape(-1, actions.shape[-1]))  # (K, B*N, H)
+        if actions.dim() == 3:
+            hidden = (action_part.view(self.n_critics, *batch_shape, -1) + obs_part.unsqueeze(2)).flatten(1, 2)
+        else:
+            hidden = action_part + obs_part
+        return self.body(hidden).view(self.n_critics, *batch_shape)
+
+    def forward(self, obs: PyTorchObs, actions: th.Tensor) -> th.Tensor:
+        return self.q_from_features(self.extract_features(obs, self.features_extractor), actions)
+
+
+def aggregate_q(q_values: th.Tensor, q_aggregation: str) -> th.Tensor:
+    """Aggregate an ensemble's Q values (first dimension) by mean or min."""
+    return q_values.mean(dim=0) if q_aggregation == "mean" else q_values.min(dim=0).values
+
+
+class QCPolicy(BasePolicy):
+    """
+    Policy class for QC: flow actor (+ one-step actor for "distill"), ensemble critic and target critic.
+
+    ``predict`` returns a whole chunk: for "best_of_n", ``num_samples`` chunks are drawn from the flow and the
+    one with the highest aggregated critic value is kept; for "distill", the one-step actor maps one noise
+    sample to a chunk. Both are stochastic (the paper acts this way at evaluation too), so ``deterministic``
+    has no effect; seed torch for reproducible predictions.
+
+    :param observation_space: observation space
+    :param action_space: the chunk action space (Box)
+    :param lr_schedule: learning rate schedule
+    :param net_arch: hidden sizes, a list for both networks or ``dict(pi=[...], qf=[...])``
+    :param activation_fn: activation function
+    :param actor_type: "best_of_n" (QC) or "distill" (QC-FQL)
+    :param num_samples: N, chunks sampled per observation for best-of-N
+    :param flow_steps: Euler steps of the flow
+    :param q_aggregation: "mean" or "min" over the critic ensemble
+    :param n_critics: number of critics K
+    :param critic_layer_norm: LayerNorm in the critics
+    :param actor_layer_norm: LayerNorm in the actors
+    :param features_extractor_class: features extractor class
+    :param features_extractor_kwargs: its keyword arguments
+    :param normalize_images: whether to divide images by 255
+    :param optimizer_class: optimizer class
+    :param optimizer_kwargs: its keyword arguments (besides the learning rate)
+    """
+
+    actor: FlowActor
+    critic: EnsembleCritic
+    critic_target: EnsembleCritic
+
+    def __init__(
+        self,
+        observation_space: spaces.Space,
+        action_space: spaces.Box,
+        lr_schedule: Schedule,
+        net_arch: list[int] | dict[str, list[int]] | None = None,
+        activation_fn: type[nn.Module] = nn.GELU,
+        actor_type: str = "best_of_n",
+        num_samples: int = 32,
+        flow_steps: int = 10,
+        q_aggregation: str = "mean",
+        n_critics: int = 2,
+        critic_layer_norm: bool = True,
+        actor_layer_norm: bool = False,
+        features_extractor_class: type[BaseFeaturesExtractor] = FlattenExtractor,
+        features_extractor_kwargs: dict[str, Any] | None = None,
+        normalize_images: bool = True,
+        optimizer_class: type[th.optim.Optimizer] = th.optim.Adam,
+        optimizer_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            observation_space,
+            action_space,
+            features_extractor_class,
+            features_extractor_kwargs,
+            optimizer_class=optimizer_class,
+            optimizer_kwargs=optimizer_kwargs,
+            squash_output=True,  # actions live in [-1, 1] and predict() unscales them to the env bounds
+            normalize_images=normalize_images,
+        )
+        if actor_type not in ACTOR_TYPES:
+            raise ValueError(f"actor_type must be one of {ACTOR_TYPES}, got {actor_type!r}")
+        if q_aggregation not in Q_AGGREGATIONS:
+            raise ValueError(f"q_aggregation must be one of {Q_AGGREGATIONS}, got {q_aggregation!r}")
+        if num_samples < 1 or flow_steps < 1 or n_critics < 1:
+            raise ValueError(
+                f"num_samples, flow_steps and n_critics must be >= 1, got {num_samples}, {flow_steps}, {n_critics}"
+            )
+        if net_arch is None:
+            net_arch = [512, 512, 512, 512]
+        if isinstance(net_arch, dict):
+            actor_arch, critic_arch = list(net_arch["pi"]), list(net_arch["qf"])
+        else:
+            actor_arch, critic_arch = list(net_arch), list(net_arch)
+        self.net_arch = net_arch
+        self.actor_arch, self.critic_arch = actor_arch, critic_arch
+        self.activation_fn = activation_fn
+        self.actor_type = actor_type
+        self.num_samples = num_samples
+        self.flow_steps = flow_steps
+        self.q_aggregation = q_aggregation
+        self.n_critics = n_critics
+        self.critic_layer_norm = critic_layer_norm
+        self.actor_layer_norm = actor_layer_norm
+        self._build(lr_schedule)
+
+    def _build(self, lr_schedule: Schedule) -> None:
+        self.actor = self.make_actor()
+        self.actor.optimizer = self.optimizer_class(
+            self.actor.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs  # type: ignore[call-arg]
+        )
+        self.critic = self.make_critic()
+        self.critic.optimizer = self.optimizer_class(
+            self.critic.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs  # type: ignore[call-arg]
+        )
+        self.critic_target = self.make_critic()
+        self.critic_target.load_state_dict(self.critic.state_dict())
+        # The target network is only updated by Polyak averaging.
+        self.critic_target.set_training_mode(False)
+        self.critic_target.requires_grad_(False)
+
+    def _new_extractor(self) -> BaseFeaturesExtractor:
+        return _make_extractor(self.observation_space, self.features_extractor_class, self.features_extractor_kwargs)
+
+    def make_actor(self) -> FlowActor:
+        extractor = self._new_extractor()
+        return FlowActor(
+            self.observation_space,
+            self.action_space,  # type: ignore[arg-type]
+            self.actor_arch,
+            extractor,
+            extractor.features_dim,
+            self.activation_fn,
+            layer_norm=self.actor_layer_norm,
+            actor_type=self.actor_type,
+            normalize_images=self.normalize_images,
+        ).to(self.device)
+
+    def make_critic(self) -> EnsembleCritic:
+        extractor = self._new_extractor()
+        return EnsembleCritic(
+            self.observation_space,
+            self.action_space,  # type: ignore[arg-type]
+            self.critic_arch,
+            extractor,
+            extractor.features_dim,
+            self.activation_fn,
+            n_critics=self.n_critics,
+            layer_norm=self.critic_layer_norm,
+            normalize_images=self.normalize_images,
+        ).to(self.device)
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        data.update(
+            dict(
+                net_arch=self.net_arch,
+                activation_fn=self.activation_fn,
+                actor_type=self.actor_type,
+                num_samples=self.num_samples,
+                flow_steps=self.flow_steps,
+                q_aggregation=self.q_aggregation,
+                n_critics=self.n_critics,
+                critic_layer_norm=self.critic_layer_norm,
+                actor_layer_norm=self.actor_layer_norm,
+                lr_schedule=self._dummy_schedule,
+                features_extractor_class=self.features_extractor_class,
+                features_extractor_kwargs=self.features_extractor_kwargs,
+                optimizer_class=self.optimizer_class,
+                optimizer_kwargs=self.optimizer_kwargs,
+            )
+        )
+        return data
+
+    @property
+    def chunk_dim(self) -> int:
+        """Size of the flattened chunk the networks work on."""
+        return get_action_dim(self.action_space)
+
+    def flow_actions(self, actor_features: th.Tensor, noise: th.Tensor) -> th.Tensor:
+        """Chunks from the BC flow for the given noise, (B, D) or (B, N, D)."""
+        embedding = self.actor.flow.embed_obs(actor_features)
+        if noise.dim() == 3:
+            embedding = embedding.unsqueeze(1)
+        return self.actor.flow.integrate(embedding, noise, self.flow_steps)
+
+    def onestep_actions(self, actor_features: th.Tensor, noise: th.Tensor) -> th.Tensor:
+        """Unclipped chunks of the distilled one-step actor mu(s, z)."""
+        assert self.actor.onestep is not None, "The one-step actor exists only for actor_type='distill'"
+        return self.actor.onestep(th.cat([actor_features, noise], dim=-1))
+
+    def best_of_n(self, actor_features: th.Tensor, critic_features: th.Tensor, critic: EnsembleCritic) -> th.Tensor:
+        """
+        Draw ``num_samples`` chunks per observation from the flow and keep the one ``critic`` values most.
+
+        :return: (B, D) chunks in [-1, 1]
+        """
+        batch_size = actor_features.shape[0]
+        noise = th.randn(batch_size, self.num_samples, self.chunk_dim, device=actor_features.device)
+        candidates = self.flow_actions(actor_features, noise)  # (B, N, D)
+        q_values = aggregate_q(critic.q_from_features(critic_features, candidates), self.q_aggregation)  # (B, N)
+        best = q_values.argmax(dim=1)
+        return candidates[th.arange(batch_size, device=candidates.device), best]
+
+    @th.no_grad()
+    def sample_chunks(self, obs: PyTorchObs) -> th.Tensor:
+        """
+        The chunks the agent acts with (and bootstraps with in the critic target), in [-1, 1].
+
+        :param obs: a batch of (preprocessed by SB3's ``obs_to_tensor``) observations
+        :return: (B, D) chunks
+        """
+        actor_features = self.actor.extract_features(obs, self.actor.features_extractor)
+        if self.actor_type == "distill":
+            noise = th.randn(actor_features.shape[0], self.chunk_dim, device=actor_features.device)
+            return self.onestep_actions(actor_features, noise).clamp(-1.0, 1.0)
+        critic_features = self.critic.extract_features(obs, self.critic.features_extractor)
+        return self.best_of_n(actor_features, critic_features, self.critic)
+
+    def forward(self, obs: PyTorchObs, deterministic: bool = False) -> th.Tensor:
+        return self._predict(obs, deterministic=deterministic)
+
+    def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> th.Tensor:
+        return self.sample_chunks(observation)
+
+    def set_training_mode(self, mode: bool) -> None:
+        self.actor.set_training_mode(mode)
+        self.critic.set_training_mode(mode)
+        self.training = mode
+
+
+MlpPolicy = QCPolicy
+
+
+class MultiInputPolicy(QCPolicy):
+    """QC policy for Dict observation spaces (``CombinedExtractor`` by default); see :class:`QCPolicy`."""
+
+    def __init__(
+        self,
+        observation_space: spaces.Dict,
+        action_space: spaces.Box,
+        lr_schedule: Schedule,
+        net_arch: list[int] | dict[str, list[int]] | None = None,
+        activation_fn: type[nn.Module] = nn.GELU,
+        actor_type: str = "best_of_n",
+        num_samples: int = 32,
+        flow_steps: int = 10,
+        q_aggregation: str = "mean",
+        n_critics: int = 2,
+        critic_layer_norm: bool = True,
+        actor_layer_norm: bool = False,
+        features_extractor_class: type[BaseFeaturesExtractor] = CombinedExtractor,
+        features_extractor_kwargs: dict[str, Any] | None = None,
+        normalize_images: bool = True,
+        optimizer_class: type[th.optim.Optimizer] = th.optim.Adam,
+        optimizer_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            observation_space,
+            action_space,
+            lr_schedule,
+            net_arch,
+            activation_fn,
+            actor_type,
+            num_samples,
+            flow_steps,
+            q_aggregation,
+            n_critics,
+            critic_layer_norm,
+            actor_layer_norm,
+            features_extractor_class,
+            features_extractor_kwargs,
+            normalize_images,
+            optimizer_class,
+            optimizer_kwargs,
+        )

@@ -1,0 +1,544 @@
+import io
+import pathlib
+from collections import defaultdict
+from typing import Any, ClassVar, TypeVar
+
+import gymnasium as gym
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.buffers import ReplayBuffer
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList, ConvertCallback
+from stable_baselines3.common.monitor import Monitor
+from stable_baselines3.common.noise import ActionNoise
+from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
+from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.save_util import load_from_pkl, load_from_zip_file
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, RolloutReturn, Schedule, TrainFreq
+from stable_baselines3.common.utils import polyak_update, should_collect_more_steps
+from stable_baselines3.common.vec_env import VecEnv, VecNormalize, unwrap_vec_wrapper
+from stable_baselines3.common.env_util import is_wrapped
+
+from sb3_qchunk.common.buffers import ChunkReplayBuffer, ChunkReplayBufferSamples
+from sb3_qchunk.common.callbacks import ChunkProgressBarCallback
+from sb3_qchunk.qc.policies import ACTOR_TYPES, Q_AGGREGATIONS, EnsembleCritic, FlowActor, MlpPolicy, MultiInputPolicy, QCPolicy, aggregate_q
+from sb3_qchunk.wrappers import ChunkedActionWrapper, find_chunk_wrapper
+
+SelfQC = TypeVar("SelfQC", bound="QC")
+
+
+def chunked_critic_target(
+    rewards: th.Tensor, masks: th.Tensor, next_q: th.Tensor, gamma: float, chunk_size: int
+) -> th.Tensor:
+    """
+    y = R_t + gamma^h * mask * Qbar(s'_{t+h-1}, a'): the h-step backup of a chunk (unbiased for an
+    executed chunk; the biased n-step target when the critic sees only the first action).
+
+    :param rewards: R_t = sum_{i<h} gamma^i r_{t+i}, (B,)
+    :param masks: min_i (1 - terminated_{t+i}), (B,)
+    :param next_q: aggregated target-critic value of the next chunk, (B,)
+    :param gamma: discount factor
+    :param chunk_size: h
+    """
+    return rewards + gamma**chunk_size * masks * next_q
+
+
+def wrap_chunked(env: GymEnv | str | None, chunk_size: int, gamma: float) -> GymEnv | None:
+    """
+    Make ``env`` chunk-level with ``chunk_size`` actions per chunk, or check that it already is.
+
+    A plain Gymnasium env (or env id) is wrapped in ``Monitor`` (so episode statistics count primitive steps
+    and undiscounted rewards) and then in :class:`ChunkedActionWrapper`. A VecEnv must have been built
+    with the wrapper (``make_vec_env(..., wrapper_class=ChunkedActionWrapper, wrapper_kwargs=...)``).
+
+    :param env: None, an env id, a Gymnasium env or a VecEnv
+    :param chunk_size: primitive actions per chunk the agent emits
+    :param gamma: discount of the in-chunk reward sum
+    :return: the chunk-level env
+    """
+    if env is None:
+        return None
+    if isinstance(env, str):
+        env = gym.make(env)
+    if isinstance(env, VecEnv):
+        if unwrap_vec_wrapper(env, VecNormalize) is not None:
+            raise ValueError("QC does not support VecNormalize: its replay buffer stores the wrapper's raw transitions")
+        if not all(env.env_is_wrapped(ChunkedActionWrapper)):
+            raise ValueError(
+                "QC needs a chunk-level env. Build the VecEnv with "
+                f"make_vec_env(..., wrapper_class=ChunkedActionWrapper, wrapper_kwargs=dict(chunk_size={chunk_size})), "
+                "or pass a plain Gymnasium env and QC wraps it."
+            )
+        sizes = env.get_attr("chunk_size")
+        if any(size != chunk_size for size in sizes):
+            raise ValueError(f"The env's ChunkedActionWrapper has chunk_size={sizes[0]}, but QC expects {chunk_size}")
+        primitive = env.get_attr("primitive_action_space")[0]
+        _check_box(primitive)
+        return env
+    wrapper = find_chunk_wrapper(env)
+    if wrapper is not None:
+        if wrapper.chunk_size != chunk_size:
+            raise ValueError(f"The env's ChunkedActionWrapper has chunk_size={wrapper.chunk_size}, but QC expects {chunk_size}")
+        _check_box(wrapper.primitive_action_space)
+        return env
+    _check_box(env.action_space)
+    if not is_wrapped(env, Monitor):
+        env = Monitor(env)
+    return ChunkedActionWrapper(env, chunk_size=chunk_size, gamma=gamma)
+
+
+def _check_box(action_space: spaces.Space) -> None:
+    if not isinstance(action_space, spaces.Box):
+        raise ValueError(f"QC needs a Box (continuous) action space, got {type(action_space).__name__}: {action_space}")
+
+
+class QC(OffPolicyAlgorithm):
+    """
+    Q-chunking (QC): off-policy RL in the space of action chunks.
+    Paper: "Reinforcement Learning with Action Chunking", Q. Li, Z. Zhou, S. Levine, NeurIPS 2025.
+    Reference implementation (JAX): https://github.com/ColinQiyangLi/qc (``agents/acfql.py``).
+
+    The agent emits chunks of ``chunk_size`` (h) actions that the env runs open-loop
+    (:class:`~sb3_qchunk.ChunkedActionWrapper`, applied automatically). The critic scores whole chunks and is
+    trained with the h-step backup y = R_t + gamma^h * mask * Qbar(s'_{t+h-1}, a'), which is unbiased because
+    the chunk really was executed as chosen. The actor is a flow-matching behaviour-cloning model over
+    chunks; "best_of_n" (QC) acts with the best of ``num_samples`` flow samples under the critic, "distill"
+    (QC-FQL) distils a one-step actor that maximises Q with a distillation penalty ``alpha``.
+
+    The paper's methods are settings of this class:
+
+    ===========  ============================================================
+    paper        settings
+    ===========  ============================================================
+    QC           ``chunk_size=5, actor_type="best_of_n"``
+    QC-FQL       ``chunk_size=5, actor_type="distill"``
+    BFN          ``chunk_size=1, actor_type="best_of_n"``
+    FQL          ``chunk_size=1, actor_type="distill"``
+    BFN-n        ``chunk_size=5, action_chunking=False, actor_type="best_of_n"``
+    FQL-n        ``chunk_size=5, action_chunking=False, actor_type="distill"``
+    ===========  ============================================================
+
+    With ``action_chunking=False`` the agent acts one action at a time and the critic and actor see only the
+    first action of each window, with the (biased) n-step target built from the same window of h steps.
+
+    Counting: ``total_timesteps``, ``learning_starts``, ``train_freq`` and ``num_timesteps`` are in primitive
+    env steps (the paper's x-axis). With ``gradient_steps=-1`` the agent does one gradient step per
+    primitive step collected (the paper's update-to-data ratio of 1).
+
+    :param policy: the policy model to use (MlpPolicy, MultiInputPolicy, ...)
+    :param env: the environment to learn from (if registered in Gym, can be str); wrapped into chunks
+        automatically, or already chunked with a matching chunk size
+    :param chunk_size: h, the number of actions per chunk and the length of the backup
+    :param actor_type: "best_of_n" (QC) or "distill" (QC-FQL)
+    :param num_samples: N, flow samples per observation for best-of-N
+    :param flow_steps: Euler steps of the flow actor
+    :param alpha: weight of the distillation loss (``actor_type="distill"`` only; per task in the paper)
+    :param n_critics: size K of the critic ensemble
+    :param q_aggregation: "mean" (paper default) or "min" over the critic ensemble
+    :param action_chunking: False for the n-step ablations (BFN-n / FQL-n)
+    :param learning_rate: learning rate for Adam, constant or a function of the remaining progress
+    :param buffer_size: size of the (online) replay buffer, in primitive transitions
+    :param learning_starts: primitive steps to collect before learning starts (random actions before that,
+        unless the policy was already trained)
+    :param batch_size: minibatch size (windows) per gradient update
+    :param tau: Polyak coefficient of the target critic
+    :param gamma: discount factor
+    :param train_freq: update the model every ``train_freq`` primitive steps (int or ``(n, "step")``); a chunk
+        is never split, so updates happen after the chunk that reaches the count
+    :param gradient_steps: gradient steps after each rollout; -1 for as many as primitive steps collected
+    :param offline_fraction: None to sample windows uniformly over offline and online data (the paper), or
+        the fraction of each batch drawn from the offline data (RLPD-style symmetric sampling)
+    :param policy_kwargs: additional arguments for the policy (``net_arch``, ``critic_layer_norm``, ...)
+    :param stats_window_size: window size for the rollout logging
+    :param tensorboard_log: the log location for tensorboard (if None, no logging)
+    :param verbose: 0 no output, 1 info messages, 2 debug messages
+    :param seed: seed for the pseudo random generators
+    :param device: device (cpu, cuda, ...) on which the code should be run
+    :param _init_setup_model: whether or not to build the network at the creation of the instance
+    """
+
+    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
+        "MlpPolicy": MlpPolicy,
+        "MultiInputPolicy": MultiInputPolicy,
+    }
+    policy: QCPolicy
+    actor: FlowActor
+    critic: EnsembleCritic
+    critic_target: EnsembleCritic
+    replay_buffer: ChunkReplayBuffer  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        policy: str | type[QCPolicy],
+        env: GymEnv | str | None,
+        chunk_size: int = 5,
+        actor_type: str = "best_of_n",
+        num_samples: int = 32,
+        flow_steps: int = 10,
+        alpha: float = 100.0,
+        n_critics: int = 2,
+        q_aggregation: str = "mean",
+        action_chunking: bool = True,
+        learning_rate: float | Schedule = 3e-4,
+        buffer_size: int = 1_000_000,
+        learning_starts: int = 5000,
+        batch_size: int = 256,
+        tau: float = 0.005,
+        gamma: float = 0.99,
+        train_freq: int | tuple[int, str] = 1,
+        gradient_steps: int = -1,
+        offline_fraction: float | None = None,
+        policy_kwargs: dict[str, Any] | None = None,
+        stats_window_size: int = 100,
+        tensorboard_log: str | None = None,
+        verbose: int = 0,
+        seed: int | None = None,
+        device: th.device | str = "auto",
+        _init_setup_model: bool = True,
+    ) -> None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+        if actor_type not in ACTOR_TYPES:
+            raise ValueError(f"actor_type must be one of {ACTOR_TYPES}, got {actor_type!r}")
+        if q_aggregation not in Q_AGGREGATIONS:
+            raise ValueError(f"q_aggregation must be one of {Q_AGGREGATIONS}, got {q_aggregation!r}")
+        if alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {alpha}")
+        if isinstance(train_freq, tuple) and train_freq[1] != "step":
+            raise ValueError(f"QC counts train_freq in primitive steps only, got {train_freq}")
+        self.chunk_size = int(chunk_size)
+        self.action_chunking = action_chunking
+        if _init_setup_model:
+            # (``load`` wraps the env itself, with the saved chunk size, before it builds the model.)
+            env = wrap_chunked(env, self.env_chunk_size, gamma)
+        super().__init__(
+            policy,
+            env,  # type: ignore[arg-type]
+            learning_rate,
+            buffer_size,
+            learning_starts,
+            batch_size,
+            tau,
+            gamma,
+            train_freq,
+            gradient_steps,
+            action_noise=None,
+            replay_buffer_class=ChunkReplayBuffer,  # type: ignore[arg-type]
+            policy_kwargs=policy_kwargs,
+            stats_window_size=stats_window_size,
+            tensorboard_log=tensorboard_log,
+            verbose=verbose,
+            device=device,
+            seed=seed,
+            sde_support=False,
+            support_multi_env=True,
+            supported_action_spaces=(spaces.Box,),
+        )
+        self.actor_type = actor_type
+        self.num_samples = num_samples
+        self.flow_steps = flow_steps
+        self.alpha = alpha
+        self.n_critics = n_critics
+        self.q_aggregation = q_aggregation
+        self.offline_fraction = offline_fraction
+        if _init_setup_model:
+            self._setup_model()
+
+    @property
+    def env_chunk_size(self) -> int:
+        """Actions per env step: ``chunk_size``, or 1 for the n-step ablations (``action_chunking=False``)."""
+        return self.chunk_size if self.action_chunking else 1
+
+    def _setup_model(self) -> None:
+        self._setup_lr_schedule()
+        self.set_random_seed(self.seed)
+        assert isinstance(self.action_space, spaces.Box)
+        primitive_dim = self.action_space.shape[0] // self.env_chunk_size
+        self.primitive_action_space = spaces.Box(
+            low=self.action_space.low[:primitive_dim],
+            high=self.action_space.high[:primitive_dim],
+            dtype=self.action_space.dtype,  # type: ignore[arg-type]
+        )
+        if self.replay_buffer is None:
+            self.replay_buffer = ChunkReplayBuffer(
+                self.buffer_size,
+                self.observation_space,
+                self.primitive_action_space,
+                device=self.device,
+                n_envs=self.n_envs,
+                chunk_size=self.chunk_size,
+                gamma=self.gamma,
+                offline_fraction=self.offline_fraction,
+            )
+        self.policy = self.policy_class(
+            self.observation_space,
+            self.action_space,
+            self.lr_schedule,
+            actor_type=self.actor_type,
+            num_samples=self.num_samples,
+            flow_steps=self.flow_steps,
+            q_aggregation=self.q_aggregation,
+            n_critics=self.n_critics,
+            **self.policy_kwargs,
+        ).to(self.device)
+        self._convert_train_freq()
+        self._create_aliases()
+
+    def _create_aliases(self) -> None:
+        self.actor = self.policy.actor
+        self.critic = self.policy.critic
+        self.critic_target = self.policy.critic_target
+
+    def scale_primitive_action(self, actions: np.ndarray) -> np.ndarray:
+        """Rescale primitive actions from the env's bounds to [-1, 1] (what the buffer stores)."""
+        low, high = self.primitive_action_space.low, self.primitive_action_space.high
+        return 2.0 * ((np.asarray(actions).reshape(-1, len(low)) - low) / (high - low)) - 1.0
+
+    # ----------------------------------------------------------------------------------------------
+    # Training
+    # ----------------------------------------------------------------------------------------------
+    def train(self, gradient_steps: int, batch_size: int = 64) -> None:
+        if self.replay_buffer.num_windows() == 0:
+            return
+        self.policy.set_training_mode(True)
+        self._update_learning_rate([self.actor.optimizer, self.critic.optimizer])
+        stats: dict[str, list[th.Tensor]] = defaultdict(list)
+        for _ in range(gradient_steps):
+            replay_data = self.replay_buffer.sample(batch_size)
+            for key, value in self._train_step(replay_data).items():
+                stats[key].append(value)
+        self._n_updates += gradient_steps
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+        # One host sync per train() call, not per gradient step.
+        means = th.stack([th.stack(values).mean() for values in stats.values()]).cpu().numpy()
+        for key, value in zip(stats.keys(), means):
+            self.logger.record(f"train/{key}", float(value))
+
+    def _chunks(self, replay_data: ChunkReplayBufferSamples) -> th.Tensor:
+        """The actions the critic and actor see: the whole chunk, or the first action for n-step ablations."""
+        if self.action_chunking:
+            return replay_data.actions.flatten(1)
+        return replay_data.actions[:, 0]
+
+    def _train_step(self, replay_data: ChunkReplayBufferSamples) -> dict[str, th.Tensor]:
+        chunks = self._chunks(replay_data)
+        valid = replay_data.valid
+
+        # Critic: h-step backup. Best-of-N picks a' with the online critic, the target critic values it.
+        with th.no_grad():
+            next_chunks = self.policy.sample_chunks(replay_data.next_observations)
+            next_q = aggregate_q(self.critic_target(replay_data.next_observations, next_chunks), self.q_aggregation)
+            target_q = chunked_critic_target(replay_data.rewards, replay_data.masks, next_q, self.gamma, self.chunk_size)
+        q_values = self.critic(replay_data.observations, chunks)  # (K, B)
+        # Windows whose episode ended before their last step have no valid bootstrap: they do not train the critic.
+        critic_loss = ((q_values - target_q) ** 2 * valid[:, -1]).mean()
+        self.critic.optimizer.zero_grad()
+        critic_loss.backward()
+        self.critic.optimizer.step()
+
+        # Actor: flow-matching BC on the data's chunks, masked after an episode's end.
+        actor_features = self.actor.extract_features(replay_data.observations, self.actor.features_extractor)
+        x1 = chunks
+        x0 = th.randn_like(x1)
+        t = th.rand(x1.shape[0], 1, device=x1.device)
+        x_t = (1.0 - t) * x0 + t * x1
+        flow_error = (self.actor.flow(actor_features, x_t, t) - (x1 - x0)) ** 2
+        if self.action_chunking:
+            bc_flow_loss = (flow_error.view(x1.shape[0], self.chunk_size, -1) * valid.unsqueeze(-1)).mean()
+        else:
+            bc_flow_loss = flow_error.mean()
+        actor_loss = bc_flow_loss
+        distill_loss = th.zeros((), device=x1.device)
+        if self.actor_type == "distill":
+            noise = th.randn_like(x1)
+            with th.no_grad():
+                target_flow_chunks = self.policy.flow_actions(actor_features, noise)
+            onestep_chunks = self.policy.onestep_actions(actor_features, noise)
+            distill_loss = ((onestep_chunks - target_flow_chunks) ** 2).mean()
+            # Gradients reach the one-step actor through the critic, not the critic's weights.
+            self.critic.requires_grad_(False)
+            q_actor = self.critic(replay_data.observations, onestep_chunks.clamp(-1.0, 1.0)).mean(dim=0)
+            self.critic.requires_grad_(True)
+            actor_loss = bc_flow_loss + self.alpha * distill_loss - q_actor.mean()
+        self.actor.optimizer.zero_grad()
+        actor_loss.backward()
+        self.actor.optimizer.step()
+
+        polyak_update(self.critic.parameters(), self.critic_target.parameters(), self.tau)
+
+        q_detached = q_values.detach()
+        return {
+            "critic_loss": critic_loss.detach(),
+            "actor_loss": actor_loss.detach(),
+            "bc_flow_loss": bc_flow_loss.detach(),
+            "distill_loss": distill_loss.detach(),
+            "q_mean": q_detached.mean(),
+            "q_max": q_detached.max(),
+            "q_min": q_detached.min(),
+        }
+
+    # ----------------------------------------------------------------------------------------------
+    # Collecting experience
+    # ----------------------------------------------------------------------------------------------
+    def _sample_action(
+        self,
+        learning_starts: int,
+        action_noise: ActionNoise | None = None,
+        n_envs: int = 1,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        # Warm-up with random chunks, unless the policy was already trained (e.g. offline pre-training).
+        if self.num_timesteps < learning_starts and self._n_updates == 0:
+            action = np.array([self.action_space.sample() for _ in range(n_envs)])
+        else:
+            assert self._last_obs is not None, "self._last_obs was not set"
+            action, _ = self.predict(self._last_obs, deterministic=False)
+        return action, self.policy.scale_action(action)
+
+    def collect_rollouts(  # type: ignore[override]
+        self,
+        env: VecEnv,
+        callback: BaseCallback,
+        train_freq: TrainFreq,
+        replay_buffer: ReplayBuffer,
+        action_noise: ActionNoise | None = None,
+        learning_starts: int = 0,
+        log_interval: int | None = None,
+    ) -> RolloutReturn:
+        """
+        Run chunks in the env until ``train_freq`` primitive steps are collected, storing every primitive
+        transition the chunks really ran (from the wrapper's ``info["transitions"]``).
+
+        :return: primitive steps and episodes collected, and whether to continue training
+        """
+        self.policy.set_training_mode(False)
+        num_collected_steps, num_collected_episodes = 0, 0
+        assert isinstance(env, VecEnv), "You must pass a VecEnv"
+        callback.on_rollout_start()
+        continue_training = True
+        while should_collect_more_steps(train_freq, num_collected_steps, num_collected_episodes):
+            actions, _ = self._sample_action(learning_starts, None, env.num_envs)
+            new_obs, rewards, dones, infos = env.step(actions)
+            steps = int(sum(info["chunk_steps"] for info in infos))
+            self.num_timesteps += steps
+            num_collected_steps += steps
+
+            callback.update_locals(locals())
+            if not callback.on_step():
+                return RolloutReturn(num_collected_steps, num_collected_episodes, continue_training=False)
+
+            self._update_info_buffer(infos, dones)
+            for env_idx, info in enumerate(infos):
+                transitions = dict(info["transitions"])
+                transitions["action"] = self.scale_primitive_action(transitions["action"])
+                self.replay_buffer.add(transitions, env_idx)
+            self._last_obs = new_obs
+            self._update_current_progress_remaining(self.num_timesteps, self._total_timesteps)
+            self._on_step()
+
+            for done in dones:
+                if done:
+                    num_collected_episodes += 1
+                    self._episode_num += 1
+                    if log_interval is not None and self._episode_num % log_interval == 0:
+                        self.dump_logs()
+        callback.on_rollout_end()
+        return RolloutReturn(num_collected_steps, num_collected_episodes, continue_training)
+
+    def _init_callback(self, callback: MaybeCallback, progress_bar: bool = False) -> BaseCallback:
+        # SB3's progress bar advances by one per env.step call; ours by the primitive steps a chunk ran.
+        if isinstance(callback, list):
+            callback = CallbackList(callback)
+        if not isinstance(callback, BaseCallback):
+            callback = ConvertCallback(callback)
+        if progress_bar:
+            callback = CallbackList([callback, ChunkProgressBarCallback()])
+        callback.init_callback(self)
+        return callback
+
+    def _setup_learn(
+        self,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        reset_num_timesteps: bool = True,
+        tb_log_name: str = "run",
+        progress_bar: bool = False,
+    ) -> tuple[int, BaseCallback]:
+        # The env is about to be reset: end the stored episodes so no window bridges the two.
+        if self.replay_buffer is not None and (reset_num_timesteps or self._last_obs is None):
+            self.replay_buffer.mark_episode_ends()
+        return super()._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
+
+    def learn(
+        self: SelfQC,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        log_interval: int = 4,
+        tb_log_name: str = "QC",
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> SelfQC:
+        return super().learn(
+            total_timesteps=total_timesteps,
+            callback=callback,
+            log_interval=log_interval,
+            tb_log_name=tb_log_name,
+            reset_num_timesteps=reset_num_timesteps,
+            progress_bar=progress_bar,
+        )
+
+    # ----------------------------------------------------------------------------------------------
+    # Saving and loading
+    # ----------------------------------------------------------------------------------------------
+    def load_replay_buffer(self, path: Any, truncate_last_traj: bool = True) -> None:
+        """
+        Load a replay buffer saved with :meth:`save_replay_buffer`.
+
+        :param path: path to the pickled replay buffer
+        :param truncate_last_traj: mark the last stored step of every env as an episode end
+            (the next ``learn`` starts a new episode)
+        """
+        buffer = load_from_pkl(path, self.verbose)
+        if not isinstance(buffer, ChunkReplayBuffer):
+            raise TypeError(f"Expected a ChunkReplayBuffer, got {type(buffer).__name__}")
+        if buffer.chunk_size != self.chunk_size:
+            raise ValueError(f"The replay buffer samples windows of {buffer.chunk_size} steps, this model uses {self.chunk_size}")
+        if truncate_last_traj:
+            buffer.mark_episode_ends()
+        buffer.device = self.device
+        self.replay_buffer = buffer
+
+    @classmethod
+    def load(  # type: ignore[override]
+        cls: type[SelfQC],
+        path: str | pathlib.Path | io.BufferedIOBase,
+        env: GymEnv | str | None = None,
+        device: th.device | str = "auto",
+        custom_objects: dict[str, Any] | None = None,
+        print_system_info: bool = False,
+        force_reset: bool = True,
+        **kwargs: Any,
+    ) -> SelfQC:
+        """
+        Load a QC model saved with ``save``; a plain ``env`` is wrapped into chunks of the saved size.
+        See ``BaseAlgorithm.load`` for the arguments.
+        """
+        if env is not None:
+            data, _, _ = load_from_zip_file(path, device="cpu", custom_objects=custom_objects)
+            assert data is not None, "No data found in the saved file"
+            chunk = data["chunk_size"] if data.get("action_chunking", True) else 1
+            env = wrap_chunked(env, chunk, data["gamma"])
+        return super().load(
+            path,
+            env=env,  # type: ignore[arg-type]
+            device=device,
+            custom_objects=custom_objects,
+            print_system_info=print_system_info,
+            force_reset=force_reset,
+            **kwargs,
+        )
+
+    def _excluded_save_params(self) -> list[str]:
+        return super()._excluded_save_params() + ["actor", "critic", "critic_target"]
+
+    def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
+        return ["policy", "actor.optimizer", "critic.optimizer"], []

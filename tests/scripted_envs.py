@@ -1,0 +1,92 @@
+"""Small environments whose every number a test can compute by hand."""
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+
+class ScriptedEnv(gym.Env):
+    """
+    The observation is the step counter (Box(1,)); the reward of step i (0-based) is ``rewards[i]``.
+    Terminates after step ``terminate_at`` (1-based count of steps), truncates after ``truncate_at``.
+    Every info carries the step counter and, if ``success_at`` is set, ``success`` = (count >= success_at).
+    """
+
+    metadata = {"render_modes": ["rgb_array"]}
+
+    def __init__(
+        self,
+        rewards: list[float] | None = None,
+        terminate_at: int | None = None,
+        truncate_at: int | None = None,
+        success_at: int | None = None,
+        action_space: spaces.Space | None = None,
+        dict_obs: bool = False,
+        render_mode: str | None = None,
+    ) -> None:
+        self.rewards = rewards if rewards is not None else [float(i + 1) for i in range(100)]
+        self.terminate_at, self.truncate_at, self.success_at = terminate_at, truncate_at, success_at
+        self.action_space = action_space if action_space is not None else spaces.Box(-1.0, 1.0, (2,), np.float32)
+        box = spaces.Box(0.0, 1000.0, (1,), np.float32)
+        self.dict_obs = dict_obs
+        self.observation_space = spaces.Dict({"count": box, "twice": box}) if dict_obs else box
+        self.render_mode = render_mode
+        self.count = 0
+        self.actions_seen: list[Any] = []
+
+    def _obs(self) -> Any:
+        value = np.array([self.count], dtype=np.float32)
+        return {"count": value, "twice": 2 * value} if self.dict_obs else value
+
+    def _info(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"count": self.count}
+        if self.success_at is not None:
+            info["success"] = float(self.count >= self.success_at)
+        return info
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+        super().reset(seed=seed)
+        self.count = 0
+        return self._obs(), {}
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+        self.actions_seen.append(action)
+        reward = float(self.rewards[self.count])
+        self.count += 1
+        terminated = self.terminate_at is not None and self.count >= self.terminate_at
+        truncated = self.truncate_at is not None and self.count >= self.truncate_at
+        return self._obs(), reward, terminated, truncated, self._info()
+
+    def render(self) -> np.ndarray:
+        return np.zeros((4, 4, 3), dtype=np.uint8)
+
+
+class SparseChainEnv(gym.Env):
+    """
+    Sparse-reward reaching task where temporally coherent actions matter: a point on a line starts at 0
+    and must reach ``goal`` within ``max_steps`` steps; each step moves it by ``0.25 * a``, a in [-1, 1].
+    Reward -1 per step until the goal (then 0, and the episode terminates), so a random walk rarely
+    gets there. ``info["success"]`` says whether the goal was reached.
+    """
+
+    def __init__(self, goal: float = 3.0, max_steps: int = 40) -> None:
+        self.goal, self.max_steps = goal, max_steps
+        self.observation_space = spaces.Box(-20.0, 20.0, (2,), np.float32)
+        self.action_space = spaces.Box(-1.0, 1.0, (1,), np.float32)
+        self.x, self.t = 0.0, 0
+
+    def _obs(self) -> np.ndarray:
+        return np.array([self.x, self.t / self.max_steps], dtype=np.float32)
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        super().reset(seed=seed)
+        self.x, self.t = 0.0, 0
+        return self._obs(), {}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        self.x += 0.25 * float(np.clip(action, -1.0, 1.0)[0])
+        self.t += 1
+        success = self.x >= self.goal
+        return self._obs(), 0.0 if success else -1.0, success, self.t >= self.max_steps, {"success": float(success)}
