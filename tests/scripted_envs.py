@@ -71,7 +71,7 @@ class SparseChainEnv(gym.Env):
     gets there. ``info["success"]`` says whether the goal was reached.
     """
 
-    def __init__(self, goal: float = 3.0, max_steps: int = 40) -> None:
+    def __init__(self, goal: float = 2.0, max_steps: int = 40) -> None:
         self.goal, self.max_steps = goal, max_steps
         self.observation_space = spaces.Box(-20.0, 20.0, (2,), np.float32)
         self.action_space = spaces.Box(-1.0, 1.0, (1,), np.float32)

@@ -1,0 +1,233 @@
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch as th
+from gymnasium import spaces
+import csv
+
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.logger import configure
+
+from sb3_qchunk import QC, ChunkedActionWrapper
+from sb3_qchunk.qc.policies import aggregate_q
+from sb3_qchunk.qc.qc import chunked_critic_target
+from scripted_envs import ScriptedEnv, SparseChainEnv
+
+# learning_starts is a multiple of the chunk sizes used below, so update counts are exact.
+SMALL = dict(num_samples=4, flow_steps=3, batch_size=16, learning_starts=21, policy_kwargs=dict(net_arch=[16, 16]))
+
+
+def read_csv_columns(path):
+    with open(path) as file:
+        rows = list(csv.DictReader(file))
+    return {key: [row[key] for row in rows] for key in rows[0]}
+
+
+def small_qc(env=None, **kwargs):
+    config = {**SMALL, **kwargs}
+    return QC("MlpPolicy", env if env is not None else gym.make("Pendulum-v1"), seed=0, **config)
+
+
+def test_chunked_critic_target_by_hand():
+    rewards = th.tensor([8.0, 11.5])
+    masks = th.tensor([0.0, 1.0])
+    next_q = th.tensor([10.0, 10.0])
+    target = chunked_critic_target(rewards, masks, next_q, gamma=0.5, chunk_size=3)
+    np.testing.assert_allclose(target.numpy(), [8.0, 11.5 + 0.125 * 10.0])
+
+
+def test_aggregate_q():
+    q = th.tensor([[1.0, 5.0], [3.0, 2.0]])
+    np.testing.assert_allclose(aggregate_q(q, "mean").numpy(), [2.0, 3.5])
+    np.testing.assert_allclose(aggregate_q(q, "min").numpy(), [1.0, 2.0])
+
+
+def test_critic_loss_matches_the_equation():
+    model = small_qc(chunk_size=3, gamma=0.9, n_critics=3, q_aggregation="min")
+    model.learn(60)
+    data = model.replay_buffer.sample(16)
+    chunks = data.actions.flatten(1)
+    th.manual_seed(123)
+    with th.no_grad():
+        next_chunks = model.policy.sample_chunks(data.next_observations)
+        next_q = model.critic_target(data.next_observations, next_chunks).min(dim=0).values
+        target = data.rewards + 0.9**3 * data.masks * next_q
+        q = model.critic(data.observations, chunks)
+        expected = ((q - target) ** 2 * data.valid[:, -1]).mean()
+    th.manual_seed(123)
+    stats = model._train_step(data)
+    assert float(stats["critic_loss"]) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_best_of_n_picks_the_critic_argmax(monkeypatch):
+    model = small_qc(chunk_size=2, num_samples=4)
+    policy = model.policy
+    candidates = th.tensor(
+        [
+            [[0.1] * 2, [0.2] * 2, [0.3] * 2, [0.4] * 2],
+            [[0.5] * 2, [0.6] * 2, [0.7] * 2, [0.8] * 2],
+        ]
+    )
+    # Two critics whose mean is largest for candidate 2 (obs 0) and candidate 0 (obs 1); their min,
+    # [[0, 0, -5, 1], [-5, 0, 0, 1]], is largest for candidate 3 in both rows.
+    q_values = th.tensor(
+        [
+            [[0.0, 0.0, 9.0, 1.0], [9.0, 0.0, 0.0, 1.0]],
+            [[0.0, 2.0, -5.0, 1.0], [-5.0, 2.0, 0.0, 3.0]],
+        ]
+    )
+    monkeypatch.setattr(policy, "flow_actions", lambda features, noise: candidates)
+    monkeypatch.setattr(policy.critic, "q_from_features", lambda features, actions: q_values)
+    obs = th.zeros(2, 3)
+    chunks = policy.sample_chunks(obs)
+    np.testing.assert_allclose(chunks.numpy(), [[0.3, 0.3], [0.5, 0.5]])
+    policy.q_aggregation = "min"
+    np.testing.assert_allclose(policy.sample_chunks(obs).numpy(), [[0.4, 0.4], [0.8, 0.8]])
+
+
+def test_flow_samples_are_clipped_to_bounds():
+    model = small_qc(chunk_size=3)
+    with th.no_grad():
+        model.actor.flow.body[-1].bias.fill_(50.0)
+        model.actor.flow.body[-1].bias[::2] = -50.0
+    chunks = model.policy.sample_chunks(th.zeros(7, 3))
+    assert chunks.shape == (7, 3)
+    np.testing.assert_array_equal(chunks.numpy(), np.tile([-1.0, 1.0, -1.0], (7, 1)))
+    # predict() unscales to Pendulum's bounds [-2, 2]
+    action, _ = model.predict(np.zeros(3, dtype=np.float32))
+    np.testing.assert_allclose(action, [-2.0, 2.0, -2.0])
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, env_chunk, policy_dim",
+    [
+        ("QC", dict(chunk_size=3, actor_type="best_of_n"), 3, 3),
+        ("QC-FQL", dict(chunk_size=3, actor_type="distill", alpha=10.0), 3, 3),
+        ("BFN", dict(chunk_size=1, actor_type="best_of_n"), 1, 1),
+        ("FQL", dict(chunk_size=1, actor_type="distill"), 1, 1),
+        ("BFN-n", dict(chunk_size=3, action_chunking=False, actor_type="best_of_n"), 1, 1),
+        ("FQL-n", dict(chunk_size=3, action_chunking=False, actor_type="distill"), 1, 1),
+    ],
+)
+def test_paper_settings_build_and_train(name, kwargs, env_chunk, policy_dim):
+    model = small_qc(**kwargs)
+    assert model.env.get_attr("chunk_size") == [env_chunk]
+    assert model.action_space.shape == (policy_dim,)
+    assert model.replay_buffer.chunk_size == kwargs["chunk_size"]
+    model.learn(99)
+    assert model.num_timesteps == 99 and model._n_updates == 99 - 21
+    logged = model.logger.name_to_value
+    for key in ("train/critic_loss", "train/actor_loss", "train/bc_flow_loss", "train/distill_loss", "train/q_mean"):
+        assert np.isfinite(logged[key]), key
+    if kwargs["actor_type"] == "distill":
+        assert logged["train/distill_loss"] > 0
+    else:
+        assert logged["train/distill_loss"] == 0 and logged["train/actor_loss"] == logged["train/bc_flow_loss"]
+
+
+def test_learn_counts_primitive_steps(tmp_path):
+    # Episodes of 7 steps with chunks of 5: each episode is a chunk of 5 then one of 2.
+    model = small_qc(ScriptedEnv(terminate_at=7), chunk_size=5, learning_starts=1000)
+    model.set_logger(configure(str(tmp_path), ["csv"]))
+    model.learn(20, log_interval=1)
+    assert model.num_timesteps == 21  # 5 + 2 + 5 + 2 + 5 + 2, stops once >= 20
+    assert model.replay_buffer.size() == 21
+    assert model._episode_num == 3
+    logged = read_csv_columns(tmp_path / "progress.csv")
+    assert logged["time/total_timesteps"] == ["7", "14", "21"]
+    assert logged["time/episodes"] == ["1", "2", "3"]
+    assert [info["l"] for info in model.ep_info_buffer] == [7, 7, 7]
+
+
+def test_save_load_predicts_the_same_chunk_and_resumes(tmp_path):
+    model = small_qc(chunk_size=3, actor_type="distill")
+    model.learn(81)
+    model.save(tmp_path / "qc.zip")
+    model.save_replay_buffer(tmp_path / "buffer.pkl")
+    obs = np.array([0.5, -0.5, 0.1], dtype=np.float32)
+    th.manual_seed(7)
+    expected, _ = model.predict(obs)
+
+    loaded = QC.load(tmp_path / "qc.zip", env=gym.make("Pendulum-v1"))
+    assert loaded.chunk_size == 3 and loaded.actor_type == "distill" and loaded.env.get_attr("chunk_size") == [3]
+    th.manual_seed(7)
+    np.testing.assert_allclose(loaded.predict(obs)[0], expected, rtol=1e-6)
+    for (name, p1), p2 in zip(model.policy.state_dict().items(), loaded.policy.state_dict().values()):
+        assert th.equal(p1, p2), name
+
+    loaded.load_replay_buffer(tmp_path / "buffer.pkl")
+    assert loaded.replay_buffer.size() == model.replay_buffer.size() == 81
+    loaded.learn(30, reset_num_timesteps=False)
+    assert loaded.num_timesteps == 111 and loaded.replay_buffer.size() == 111 and loaded._n_updates == 60 + 30
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="Box .*action space, got Discrete"):
+        QC("MlpPolicy", "CartPole-v1")
+    with pytest.raises(ValueError, match="chunk_size=4, but QC expects 5"):
+        QC("MlpPolicy", ChunkedActionWrapper(gym.make("Pendulum-v1"), chunk_size=4), chunk_size=5)
+    with pytest.raises(ValueError, match="wrapper_class=ChunkedActionWrapper"):
+        QC("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=1), chunk_size=5)
+    with pytest.raises(ValueError, match="actor_type"):
+        QC("MlpPolicy", "Pendulum-v1", actor_type="argmax")
+    with pytest.raises(ValueError, match="chunk_size"):
+        QC("MlpPolicy", "Pendulum-v1", chunk_size=0)
+    with pytest.raises(ValueError, match="q_aggregation"):
+        QC("MlpPolicy", "Pendulum-v1", q_aggregation="max")
+
+
+def test_vec_env_and_dict_observations():
+    vec_env = make_vec_env("Pendulum-v1", n_envs=2, wrapper_class=ChunkedActionWrapper, wrapper_kwargs=dict(chunk_size=2))
+    model = small_qc(vec_env, chunk_size=2)
+    model.learn(60)
+    assert model.num_timesteps == 60 and all(model.replay_buffer.positions == 30)
+
+    model = QC("MultiInputPolicy", ScriptedEnv(dict_obs=True, truncate_at=9), chunk_size=2, seed=0, **SMALL)
+    model.learn(50)
+    assert model._n_updates > 0
+    chunk, _ = model.predict({"count": np.array([1.0], dtype=np.float32), "twice": np.array([2.0], dtype=np.float32)})
+    assert chunk.shape == (4,)
+
+
+def success_rate(model, n_episodes=20):
+    env, successes = SparseChainEnv(), 0.0
+    for episode in range(n_episodes):
+        obs, _ = env.reset(seed=episode)
+        done = False
+        while not done:
+            chunk, _ = model.predict(obs)
+            for action in chunk.reshape(-1, 1):
+                obs, _, terminated, truncated, info = env.step(action)
+                done = terminated or truncated
+                if done:
+                    break
+        successes += info["success"]
+    return successes / n_episodes
+
+
+def test_qc_learns_sparse_chain_where_random_fails():
+    """A random policy reaches the goal in ~2% of episodes (measured: 4/200); QC after 3000 steps nearly always."""
+    th.manual_seed(0)
+    model = QC(
+        "MlpPolicy",
+        SparseChainEnv(),
+        chunk_size=5,
+        num_samples=8,
+        flow_steps=5,
+        learning_starts=500,
+        batch_size=64,
+        gamma=0.95,
+        policy_kwargs=dict(net_arch=[64, 64]),
+        seed=0,
+    )
+
+    class RandomChunks:
+        def predict(self, obs):
+            return np.random.uniform(-1, 1, 5), None
+
+    np.random.seed(0)
+    random_rate = success_rate(RandomChunks(), n_episodes=100)
+    model.learn(3000)
+    qc_rate = success_rate(model)
+    assert random_rate <= 0.1
+    assert qc_rate >= 0.8, qc_rate
