@@ -15,7 +15,9 @@ from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.save_util import load_from_pkl, load_from_zip_file
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, RolloutReturn, Schedule, TrainFreq
+from stable_baselines3.common import utils
 from stable_baselines3.common.utils import polyak_update, should_collect_more_steps
+from tqdm.auto import tqdm
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize, unwrap_vec_wrapper
 from stable_baselines3.common.env_util import is_wrapped
 
@@ -148,6 +150,10 @@ class QC(OffPolicyAlgorithm):
     :param gradient_steps: gradient steps after each rollout; -1 for as many as primitive steps collected
     :param offline_fraction: None to sample windows uniformly over offline and online data (the paper), or
         the fraction of each batch drawn from the offline data (RLPD-style symmetric sampling)
+    :param offline_dataset: an offline dataset (path or dict, see :meth:`load_dataset`) to put in the replay
+        buffer when the model is built
+    :param offline_updates: offline gradient steps that the first :meth:`learn` call runs (see :meth:`pretrain`)
+        before it collects online data; lets an RL Zoo hyperparameter file express offline-to-online
     :param policy_kwargs: additional arguments for the policy (``net_arch``, ``critic_layer_norm``, ...)
     :param stats_window_size: window size for the rollout logging
     :param tensorboard_log: the log location for tensorboard (if None, no logging)
@@ -188,6 +194,8 @@ class QC(OffPolicyAlgorithm):
         train_freq: int | tuple[int, str] = 1,
         gradient_steps: int = -1,
         offline_fraction: float | None = None,
+        offline_dataset: str | dict[str, Any] | None = None,
+        offline_updates: int = 0,
         policy_kwargs: dict[str, Any] | None = None,
         stats_window_size: int = 100,
         tensorboard_log: str | None = None,
@@ -241,8 +249,13 @@ class QC(OffPolicyAlgorithm):
         self.n_critics = n_critics
         self.q_aggregation = q_aggregation
         self.offline_fraction = offline_fraction
+        self.offline_dataset = offline_dataset
+        self.offline_updates = offline_updates
+        self.offline_updates_done = 0
         if _init_setup_model:
             self._setup_model()
+            if offline_dataset is not None:
+                self.load_dataset(offline_dataset)
 
     @property
     def env_chunk_size(self) -> int:
@@ -293,6 +306,74 @@ class QC(OffPolicyAlgorithm):
         """Rescale primitive actions from the env's bounds to [-1, 1] (what the buffer stores)."""
         low, high = self.primitive_action_space.low, self.primitive_action_space.high
         return 2.0 * ((np.asarray(actions).reshape(-1, len(low)) - low) / (high - low)) - 1.0
+
+    # ----------------------------------------------------------------------------------------------
+    # Offline data
+    # ----------------------------------------------------------------------------------------------
+    def load_dataset(self, dataset: str | dict[str, Any], **load_kwargs: Any) -> None:
+        """
+        Put an offline dataset into the replay buffer, beside the online data (validated first; the user's
+        arrays and files are never modified).
+
+        :param dataset: a dict of arrays in the common form of :mod:`sb3_qchunk.datasets` (``observations``,
+            ``actions``, ``rewards``, ``terminals`` = episode ends, ``terminated`` = true terminals,
+            ``next_observations``), or anything :func:`sb3_qchunk.datasets.load_dataset` reads (an OGBench or
+            plain ``.npz`` path, ``"minari:<id>"``)
+        :param load_kwargs: passed to :func:`sb3_qchunk.datasets.load_dataset` (e.g. ``task_id``, ``sparse``)
+        """
+        from sb3_qchunk.datasets import load_dataset, validate_dataset
+
+        data = load_dataset(dataset, **load_kwargs) if not isinstance(dataset, dict) or load_kwargs else dataset
+        validate_dataset(data, self.observation_space, self.primitive_action_space)
+        scaled = dict(data)
+        scaled["actions"] = self.scale_primitive_action(data["actions"])
+        self.replay_buffer.add_offline(scaled)
+        if self.verbose >= 1:
+            print(f"Loaded {len(data['rewards'])} offline transitions into the replay buffer")
+
+    def pretrain(
+        self: SelfQC,
+        n_updates: int,
+        callback: MaybeCallback = None,
+        log_interval: int = 1000,
+        tb_log_name: str = "QC",
+        progress_bar: bool = False,
+    ) -> SelfQC:
+        """
+        Offline gradient steps on the replay buffer (the offline phase of offline-to-online learning).
+
+        Callbacks are called once every ``log_interval`` updates (``n_calls`` counts those blocks; the env is not
+        stepped, so ``num_timesteps`` stays where it is); the logger dumps at the same rate, with the number
+        of updates as its step.
+
+        :param n_updates: number of gradient steps
+        :param callback: callback(s) called every ``log_interval`` updates (e.g. an ``EvalCallback``)
+        :param log_interval: updates between two logger dumps and callback calls
+        :param tb_log_name: name of the TensorBoard run
+        :param progress_bar: show a progress bar of the updates
+        :return: the trained model
+        """
+        if self.replay_buffer.num_windows() == 0:
+            raise RuntimeError("pretrain() needs data in the replay buffer: call load_dataset() first")
+        if not self._custom_logger:
+            self._logger = utils.configure_logger(self.verbose, self.tensorboard_log, tb_log_name + "_offline", True)
+        callback = self._init_callback(callback, progress_bar=False)
+        callback.on_training_start(locals(), globals())
+        done = 0
+        with tqdm(total=n_updates, disable=not progress_bar, desc="offline updates", unit="update") as pbar:
+            while done < n_updates:
+                block = min(log_interval, n_updates - done)
+                self.train(block, self.batch_size)
+                done += block
+                self.offline_updates_done += block
+                pbar.update(block)
+                self.logger.record("time/offline_updates", self.offline_updates_done)
+                self.logger.dump(step=self._n_updates)
+                callback.update_locals(locals())
+                if not callback.on_step():
+                    break
+        callback.on_training_end()
+        return self
 
     # ----------------------------------------------------------------------------------------------
     # Training
@@ -477,6 +558,9 @@ class QC(OffPolicyAlgorithm):
         reset_num_timesteps: bool = True,
         progress_bar: bool = False,
     ) -> SelfQC:
+        remaining = self.offline_updates - self.offline_updates_done
+        if remaining > 0:
+            self.pretrain(remaining, tb_log_name=tb_log_name, progress_bar=progress_bar)
         return super().learn(
             total_timesteps=total_timesteps,
             callback=callback,
@@ -538,7 +622,8 @@ class QC(OffPolicyAlgorithm):
         )
 
     def _excluded_save_params(self) -> list[str]:
-        return super()._excluded_save_params() + ["actor", "critic", "critic_target"]
+        # The offline dataset lives in the replay buffer (see save_replay_buffer), not in the model file.
+        return super()._excluded_save_params() + ["actor", "critic", "critic_target", "offline_dataset"]
 
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
         return ["policy", "actor.optimizer", "critic.optimizer"], []
