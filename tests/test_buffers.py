@@ -107,7 +107,8 @@ def test_offline_block_uniform_and_symmetric_sampling():
         "next_observations": -np.arange(1, 11, dtype=np.float32)[:, None] - 0.5,
         "actions": np.zeros((10, 1), dtype=np.float32),
         "rewards": np.ones(10, dtype=np.float32),
-        "terminated": np.zeros(10, dtype=np.float32),
+        # A terminal state in the middle of an episode that goes on (OGBench's success at step 2).
+        "terminated": (np.arange(10) == 2).astype(np.float32),
         "terminals": (np.arange(10) % 5 == 4).astype(np.float32),
     }
     original = {k: v.copy() for k, v in offline.items()}
@@ -124,6 +125,11 @@ def test_offline_block_uniform_and_symmetric_sampling():
     # Episode ends inside the offline data cut its windows.
     is_end = data.observations[:, 0] == -5.0
     assert (data.valid[is_end, 1] == 0).all()
+    # ...a terminal state does not: it zeroes the mask of the windows that contain it.
+    at_success = data.observations[:, 0] == -3.0
+    assert at_success.any() and (data.valid[at_success] == 1).all() and (data.masks[at_success] == 0).all()
+    before = data.observations[:, 0] == -2.0
+    assert (data.masks[before] == 0).all() and (data.masks[data.observations[:, 0] == -4.0] == 1).all()
 
     buffer.offline_fraction = 0.5
     data = buffer.sample(256)

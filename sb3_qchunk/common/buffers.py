@@ -167,7 +167,7 @@ class ChunkReplayBuffer(BaseBuffer):
         Store an offline dataset as a fixed block beside the online rings (copied; the input is untouched).
 
         :param dataset: dict with ``observations``, ``actions`` (scaled to [-1, 1]), ``rewards``,
-            ``terminated`` (true terminals), ``terminals`` (episode ends) and ``next_observations``,
+            ``terminated`` (terminal states: no bootstrap), ``terminals`` (episode ends) and ``next_observations``,
             consecutive in time; the last step must end an episode
         """
         self.offline = {
@@ -179,9 +179,9 @@ class ChunkReplayBuffer(BaseBuffer):
             "actions": np.asarray(dataset["actions"], dtype=np.float32).reshape(-1, self.action_dim).copy(),
             "rewards": np.asarray(dataset["rewards"], dtype=np.float32).copy(),
             "terminated": np.asarray(dataset["terminated"], dtype=np.float32).copy(),
-            "dones": np.maximum(
-                np.asarray(dataset["terminals"], dtype=np.float32), np.asarray(dataset["terminated"], dtype=np.float32)
-            ),
+            # Episode ends only: in offline data a terminal state (e.g. OGBench's task success) can sit in the
+            # middle of an episode that goes on; it zeroes the window's mask, not its valid flags.
+            "dones": np.asarray(dataset["terminals"], dtype=np.float32).copy(),
         }
 
     def reset(self) -> None:

@@ -305,7 +305,9 @@ class QC(OffPolicyAlgorithm):
     def scale_primitive_action(self, actions: np.ndarray) -> np.ndarray:
         """Rescale primitive actions from the env's bounds to [-1, 1] (what the buffer stores)."""
         low, high = self.primitive_action_space.low, self.primitive_action_space.high
-        return 2.0 * ((np.asarray(actions).reshape(-1, len(low)) - low) / (high - low)) - 1.0
+        # Same map as SB3's scale_action, written so that bounds of [-1, 1] leave actions bit-for-bit unchanged.
+        center, half_range = (high + low) / 2.0, (high - low) / 2.0
+        return (np.asarray(actions).reshape(-1, len(low)) - center) / half_range
 
     # ----------------------------------------------------------------------------------------------
     # Offline data
@@ -323,7 +325,7 @@ class QC(OffPolicyAlgorithm):
         """
         from sb3_qchunk.datasets import load_dataset, validate_dataset
 
-        data = load_dataset(dataset, **load_kwargs) if not isinstance(dataset, dict) or load_kwargs else dataset
+        data = load_dataset(dataset, **load_kwargs)
         validate_dataset(data, self.observation_space, self.primitive_action_space)
         scaled = dict(data)
         scaled["actions"] = self.scale_primitive_action(data["actions"])
