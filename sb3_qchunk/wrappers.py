@@ -43,6 +43,13 @@ def chunk_action_space(action_space: spaces.Space, chunk_size: int) -> spaces.Sp
     )
 
 
+def _copy(obs: Any) -> Any:
+    """A copy of an observation (array, scalar or dict of them): some envs update one array in place."""
+    if isinstance(obs, dict):
+        return {key: _copy(value) for key, value in obs.items()}
+    return np.array(obs, copy=True)
+
+
 def _stack(items: list[Any]) -> Any:
     """Stack a list of observations (arrays, scalars or dicts of them) along a new first axis."""
     if isinstance(items[0], dict):
@@ -133,7 +140,7 @@ class ChunkedActionWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
         obs, info = self.env.reset(seed=seed, options=options)
-        self._last_obs = obs
+        self._last_obs = _copy(obs)
         return obs, info
 
     def step(self, action: np.ndarray) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
@@ -147,6 +154,7 @@ class ChunkedActionWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
             a = primitive_action.item() if isinstance(self.primitive_action_space, spaces.Discrete) else primitive_action
             next_obs, reward, terminated, truncated, info = self.env.step(a)
             observations.append(obs)
+            next_obs = _copy(next_obs)
             next_observations.append(next_obs)
             rewards.append(float(reward))
             terminateds.append(bool(terminated))

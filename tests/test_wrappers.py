@@ -175,3 +175,23 @@ def test_sac_runs_on_chunked_pendulum():
     assert model.num_timesteps == 200  # SB3 counts chunk-level steps here
     action, _ = model.predict(env.observation_space.sample())
     assert action.shape == (4,)
+
+
+class InPlaceObsEnv(ScriptedEnv):
+    """Returns the same observation array every step, updated in place (some envs do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.buffer = np.zeros(1, dtype=np.float32)
+
+    def _obs(self):
+        self.buffer[0] = self.count
+        return self.buffer
+
+
+def test_transitions_are_copies_when_the_env_reuses_its_obs_array():
+    env = ChunkedActionWrapper(InPlaceObsEnv(), chunk_size=3, gamma=1.0)
+    env.reset(seed=0)
+    info = env.step(np.zeros(6))[-1]
+    np.testing.assert_allclose(info["transitions"]["obs"][:, 0], [0.0, 1.0, 2.0])
+    np.testing.assert_allclose(info["transitions"]["next_obs"][:, 0], [1.0, 2.0, 3.0])
