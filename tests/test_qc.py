@@ -2,7 +2,6 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
-from gymnasium import spaces
 import csv
 
 from stable_baselines3.common.env_util import make_vec_env

@@ -1,4 +1,4 @@
-import gymnasium as gym, torch as th, ogbench
+import gymnasium as gym, torch as th, ogbench  # noqa: F401 (registers the OGBench env ids)
 from sb3_qchunk import QC
 from sb3_qchunk.common.evaluation import evaluate_success
 from sb3_qchunk.qc.qc import wrap_chunked
