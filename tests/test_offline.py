@@ -93,6 +93,19 @@ def test_constructor_arguments_express_offline_to_online(tmp_path):
     assert model.offline_updates_done == 30
 
 
+def test_offline_dataset_kwargs_reach_the_loader(tmp_path):
+    path = tmp_path / "chain.npz"
+    data = chain_dataset(n_episodes=3)
+    np.savez(path, **dict(data, rewards=2.0 * data["rewards"]))  # rewards -2 / 0
+    model = QC("MlpPolicy", SparseChainEnv(), offline_dataset=str(path), offline_dataset_kwargs=dict(sparse=True), **SMALL)
+    # sparse: (r != 0) * -1 turns the -2 rewards into -1
+    np.testing.assert_array_equal(np.unique(model.replay_buffer.offline["rewards"]), [-1.0, 0.0])
+    plain = QC("MlpPolicy", SparseChainEnv(), offline_dataset=str(path), **SMALL)
+    np.testing.assert_array_equal(np.unique(plain.replay_buffer.offline["rewards"]), [-2.0, 0.0])
+    with pytest.raises(TypeError, match="bogus"):
+        QC("MlpPolicy", SparseChainEnv(), offline_dataset=str(path), offline_dataset_kwargs=dict(bogus=1), **SMALL)
+
+
 def test_offline_pretraining_learns_from_the_data():
     """Noisy demonstrations reach the goal; random chunks do in ~2% of episodes. Pre-training alone suffices."""
     th.manual_seed(0)

@@ -7,23 +7,32 @@ import gymnasium as gym
 import numpy as np
 import torch as th
 from gymnasium import spaces
+from stable_baselines3.common import utils
 from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList, ConvertCallback
+from stable_baselines3.common.env_util import is_wrapped
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.noise import ActionNoise
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.save_util import load_from_pkl, load_from_zip_file
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, RolloutReturn, Schedule, TrainFreq
-from stable_baselines3.common import utils
 from stable_baselines3.common.utils import polyak_update, should_collect_more_steps
-from tqdm.auto import tqdm
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize, unwrap_vec_wrapper
-from stable_baselines3.common.env_util import is_wrapped
+from tqdm.auto import tqdm
 
 from sb3_qchunk.common.buffers import ChunkReplayBuffer, ChunkReplayBufferSamples
 from sb3_qchunk.common.callbacks import ChunkProgressBarCallback
-from sb3_qchunk.qc.policies import ACTOR_TYPES, Q_AGGREGATIONS, EnsembleCritic, FlowActor, MlpPolicy, MultiInputPolicy, QCPolicy, aggregate_q
+from sb3_qchunk.qc.policies import (
+    ACTOR_TYPES,
+    Q_AGGREGATIONS,
+    EnsembleCritic,
+    FlowActor,
+    MlpPolicy,
+    MultiInputPolicy,
+    QCPolicy,
+    aggregate_q,
+)
 from sb3_qchunk.wrappers import ChunkedActionWrapper, find_chunk_wrapper
 
 SelfQC = TypeVar("SelfQC", bound="QC")
@@ -152,6 +161,8 @@ class QC(OffPolicyAlgorithm):
         the fraction of each batch drawn from the offline data (RLPD-style symmetric sampling)
     :param offline_dataset: an offline dataset (path or dict, see :meth:`load_dataset`) to put in the replay
         buffer when the model is built
+    :param offline_dataset_kwargs: keyword arguments for the loader of ``offline_dataset`` (e.g.
+        ``dict(task_id=1, env="cube-single-singletask-task1-v0", sparse=True)`` for an OGBench file)
     :param offline_updates: offline gradient steps that the first :meth:`learn` call runs (see :meth:`pretrain`)
         before it collects online data; lets an RL Zoo hyperparameter file express offline-to-online
     :param policy_kwargs: additional arguments for the policy (``net_arch``, ``critic_layer_norm``, ...)
@@ -195,6 +206,7 @@ class QC(OffPolicyAlgorithm):
         gradient_steps: int = -1,
         offline_fraction: float | None = None,
         offline_dataset: str | dict[str, Any] | None = None,
+        offline_dataset_kwargs: dict[str, Any] | None = None,
         offline_updates: int = 0,
         policy_kwargs: dict[str, Any] | None = None,
         stats_window_size: int = 100,
@@ -250,12 +262,13 @@ class QC(OffPolicyAlgorithm):
         self.q_aggregation = q_aggregation
         self.offline_fraction = offline_fraction
         self.offline_dataset = offline_dataset
+        self.offline_dataset_kwargs = offline_dataset_kwargs or {}
         self.offline_updates = offline_updates
         self.offline_updates_done = 0
         if _init_setup_model:
             self._setup_model()
             if offline_dataset is not None:
-                self.load_dataset(offline_dataset)
+                self.load_dataset(offline_dataset, **self.offline_dataset_kwargs)
 
     @property
     def env_chunk_size(self) -> int:
