@@ -230,3 +230,12 @@ def test_qc_learns_sparse_chain_where_random_fails():
     qc_rate = success_rate(model)
     assert random_rate <= 0.1
     assert qc_rate >= 0.8, qc_rate
+
+
+def test_progress_bar_counts_primitive_steps():
+    from sb3_qchunk.common.callbacks import ChunkProgressBarCallback
+
+    model = small_qc(ScriptedEnv(terminate_at=7), chunk_size=5, learning_starts=1000)
+    progress = ChunkProgressBarCallback()
+    model.learn(20, callback=progress)
+    assert progress.pbar.n == model.num_timesteps == 21  # SB3's bar would say 6 (env.step calls)
