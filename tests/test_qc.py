@@ -2,6 +2,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
+from gymnasium import spaces
 import csv
 
 from stable_baselines3.common.env_util import make_vec_env
@@ -9,7 +10,9 @@ from stable_baselines3.common.logger import configure
 
 from sb3_qchunk import QC, ChunkedActionWrapper
 from sb3_qchunk.qc.policies import aggregate_q
-from sb3_qchunk.qc.qc import chunked_critic_target
+from sb3_qchunk.common.evaluation import evaluate_success
+from sb3_qchunk.demo import RandomChunks
+from sb3_qchunk.qc.qc import chunked_critic_target, wrap_chunked
 from scripted_envs import ScriptedEnv, SparseChainEnv
 
 # learning_starts is a multiple of the chunk sizes used below, so update counts are exact.
@@ -189,19 +192,8 @@ def test_vec_env_and_dict_observations():
 
 
 def success_rate(model, n_episodes=20):
-    env, successes = SparseChainEnv(), 0.0
-    for episode in range(n_episodes):
-        obs, _ = env.reset(seed=episode)
-        done = False
-        while not done:
-            chunk, _ = model.predict(obs)
-            for action in chunk.reshape(-1, 1):
-                obs, _, terminated, truncated, info = env.step(action)
-                done = terminated or truncated
-                if done:
-                    break
-        successes += info["success"]
-    return successes / n_episodes
+    """Success rate on SparseChainEnv in chunks of 5, through the library's evaluation helper."""
+    return evaluate_success(model, wrap_chunked(SparseChainEnv(), chunk_size=5, gamma=0.99), n_episodes)["success_rate"]
 
 
 def test_qc_learns_sparse_chain_where_random_fails():
@@ -220,12 +212,7 @@ def test_qc_learns_sparse_chain_where_random_fails():
         seed=0,
     )
 
-    class RandomChunks:
-        def predict(self, obs):
-            return np.random.uniform(-1, 1, 5), None
-
-    np.random.seed(0)
-    random_rate = success_rate(RandomChunks(), n_episodes=100)
+    random_rate = success_rate(RandomChunks(spaces.Box(-1.0, 1.0, (5,), np.float32), seed=0), n_episodes=100)
     model.learn(3000)
     qc_rate = success_rate(model)
     assert random_rate <= 0.1
