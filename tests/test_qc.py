@@ -1,19 +1,19 @@
+import csv
+
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
 from gymnasium import spaces
-import csv
-
+from scripted_envs import ScriptedEnv, SparseChainEnv
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import configure
 
 from sb3_qchunk import QC, ChunkedActionWrapper
-from sb3_qchunk.qc.policies import aggregate_q
 from sb3_qchunk.common.evaluation import evaluate_success
 from sb3_qchunk.demo import RandomChunks
+from sb3_qchunk.qc.policies import aggregate_q
 from sb3_qchunk.qc.qc import chunked_critic_target, wrap_chunked
-from scripted_envs import ScriptedEnv, SparseChainEnv
 
 # learning_starts is a multiple of the chunk sizes used below, so update counts are exact.
 SMALL = dict(num_samples=4, flow_steps=3, batch_size=16, learning_starts=21, policy_kwargs=dict(net_arch=[16, 16]))
