@@ -1,0 +1,88 @@
+"""End-to-end tests of ``python -m sb3_qchunk.zoo`` (RL Zoo train / enjoy / optimize) on a tiny CPU budget."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU_CONF = str(ROOT / "zoo_hyperparams" / "qc_cpu.yml")
+# Tiny online run: a few gradient steps on small batches, single-threaded
+TINY = ["-params", "learning_starts:100", "batch_size:16", "--num-threads", "1", "--seed", "0"]
+
+
+def run_zoo(*args: str, timeout: int = 240) -> str:
+    """Run ``python -m sb3_qchunk.zoo ARGS`` from the repo root, check its exit code and return its output."""
+    result = subprocess.run(
+        [sys.executable, "-m", "sb3_qchunk.zoo", *args], check=False, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    return output
+
+
+def test_train_then_enjoy(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    out = run_zoo(
+        "train", "--algo", "qc", "--env", "Pendulum-v1", "-conf", CPU_CONF, "-n", "400",
+        "--eval-freq", "200", "--eval-episodes", "1", "-f", str(logs), *TINY,
+    )  # fmt: skip
+    assert "Overwriting n_timesteps with n=400" in out
+    exp = logs / "qc" / "Pendulum-v1_1"
+    assert (exp / "Pendulum-v1.zip").is_file()
+    # --eval-freq counts primitive steps: 400 steps give 2 evaluations
+    evaluations = np.load(exp / "evaluations.npz")
+    assert list(evaluations["timesteps"]) == [200, 400]
+    config = dict(yaml.unsafe_load((exp / "Pendulum-v1" / "config.yml").read_text()))
+    assert config["env_wrapper"] == [{"sb3_qchunk.ChunkedActionWrapper": {"chunk_size": 5, "gamma": 0.99}}]
+
+    out = run_zoo(
+        "enjoy", "--algo", "qc", "--env", "Pendulum-v1", "-f", str(logs), "--exp-id", "1",
+        "--no-render", "-n", "100", "--num-threads", "1",
+    )  # fmt: skip
+    assert "Loading" in out and "Pendulum-v1.zip" in out
+    assert "Mean reward" in out
+
+
+def test_chunk_size_override_resizes_wrapper(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    run_zoo(
+        "train", "--algo", "qc", "--env", "Pendulum-v1", "-conf", CPU_CONF, "-n", "50", "--eval-freq", "-1",
+        "-f", str(logs), "-params", "chunk_size:2", "learning_starts:1000", "--num-threads", "1",
+    )  # fmt: skip
+    config = dict(yaml.unsafe_load((logs / "qc" / "Pendulum-v1_1" / "Pendulum-v1" / "config.yml").read_text()))
+    assert config["chunk_size"] == 2
+    assert config["env_wrapper"] == [{"sb3_qchunk.ChunkedActionWrapper": {"chunk_size": 2, "gamma": 0.99}}]
+
+
+def test_missing_dataset_says_how_to_generate(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.npz"
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "sb3_qchunk.zoo", "train", "--algo", "qc",
+            "--env", "cube-single-play-singletask-task2-v0", "-conf", CPU_CONF, "-f", str(tmp_path),
+            "-params", f"offline_dataset:'{missing}'",
+        ],
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert f"python -m sb3_qchunk.datasets generate --env cube-single --size 1000000 --out {missing}" in result.stderr
+
+
+def test_optimize_two_trials(tmp_path: Path) -> None:
+    pytest.importorskip("pandas", reason="RL Zoo writes its optimization report with pandas (rl_zoo3[plots])")
+    storage = tmp_path / "optuna.log"
+    out = run_zoo(
+        "train", "--algo", "qc", "--env", "Pendulum-v1", "-conf", CPU_CONF, "-n", "200", "-optimize",
+        "--n-trials", "2", "--n-evaluations", "1", "--eval-episodes", "1", "--sampler", "random", "--pruner", "none",
+        "--no-optim-plots", "--storage", str(storage), "--study-name", "qc_test", "-f", str(tmp_path / "logs"),
+        "-params", "learning_starts:1000", "--num-threads", "1", "--seed", "0",
+    )  # fmt: skip
+    assert out.count("finished with value") == 2
+    assert "Number of finished trials:  2" in out
+    assert "chunk_size:" in out
+    assert storage.is_file()
+    assert len(list((tmp_path / "logs" / "qc").glob("report_Pendulum-v1_2-trials-200-random-none_*.csv"))) == 1
