@@ -24,7 +24,8 @@ def run_zoo(*args: str, timeout: int = 240) -> str:
     return output
 
 
-def test_train_then_enjoy(tmp_path: Path) -> None:
+def test_train_then_enjoy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SDL_VIDEODRIVER", "dummy")  # headless pygame for record-video
     logs = tmp_path / "logs"
     out = run_zoo(
         "train", "--algo", "qc", "--env", "Pendulum-v1", "-conf", CPU_CONF, "-n", "400",
@@ -45,6 +46,14 @@ def test_train_then_enjoy(tmp_path: Path) -> None:
     )  # fmt: skip
     assert "Loading" in out and "Pendulum-v1.zip" in out
     assert "Mean reward" in out
+
+    pytest.importorskip("pygame")  # Pendulum renders with pygame (the "zoo" extra)
+    run_zoo(
+        "record-video", "--algo", "qc", "--env", "Pendulum-v1", "-f", str(logs), "--exp-id", "1",
+        "-n", "20",
+    )  # fmt: skip
+    videos = list((exp / "videos").glob("*.mp4"))
+    assert len(videos) == 1 and videos[0].stat().st_size > 0
 
 
 def test_chunk_size_override_resizes_wrapper(tmp_path: Path) -> None:
