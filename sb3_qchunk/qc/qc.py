@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from sb3_qchunk.common.buffers import ChunkReplayBuffer, ChunkReplayBufferSamples
 from sb3_qchunk.common.callbacks import ChunkProgressBarCallback
+from sb3_qchunk.datasets import load_dataset, validate_dataset
 from sb3_qchunk.qc.policies import (
     ACTOR_TYPES,
     Q_AGGREGATIONS,
@@ -336,8 +337,6 @@ class QC(OffPolicyAlgorithm):
             plain ``.npz`` path, ``"minari:<id>"``)
         :param load_kwargs: passed to :func:`sb3_qchunk.datasets.load_dataset` (e.g. ``task_id``, ``sparse``)
         """
-        from sb3_qchunk.datasets import load_dataset, validate_dataset
-
         data = load_dataset(dataset, **load_kwargs)
         validate_dataset(data, self.observation_space, self.primitive_action_space)
         scaled = dict(data)
