@@ -66,14 +66,6 @@ class EnsembleLayerNorm(nn.Module):
         return F.layer_norm(x, x.shape[-1:]) * self.weight + self.bias
 
 
-def _make_extractor(
-    observation_space: spaces.Space,
-    features_extractor_class: type[BaseFeaturesExtractor],
-    features_extractor_kwargs: dict[str, Any],
-) -> BaseFeaturesExtractor:
-    return features_extractor_class(observation_space, **features_extractor_kwargs)
-
-
 class FlowVelocityField(nn.Module):
     """
     The velocity field v(s, x, t) of a flow-matching policy over (flattened) action chunks.
@@ -360,7 +352,7 @@ class QCPolicy(BasePolicy):
         self.critic_target.requires_grad_(False)
 
     def _new_extractor(self) -> BaseFeaturesExtractor:
-        return _make_extractor(self.observation_space, self.features_extractor_class, self.features_extractor_kwargs)
+        return self.features_extractor_class(self.observation_space, **self.features_extractor_kwargs)
 
     def make_actor(self) -> FlowActor:
         extractor = self._new_extractor()
