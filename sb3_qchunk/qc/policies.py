@@ -1,6 +1,7 @@
 """Policies for QC: a flow-matching actor over action chunks, an ensemble of chunk critics, and an
 optional one-step (distilled) actor."""
 
+import functools
 import math
 from typing import Any
 
@@ -20,6 +21,20 @@ from torch.nn import functional as F
 
 ACTOR_TYPES = ("best_of_n", "distill")
 Q_AGGREGATIONS = ("mean", "min")
+SAMPLING_PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+@functools.cache
+def has_fast_bf16(device_type: str) -> bool:
+    """
+    Whether bfloat16 matmuls are native (faster than float32) on this kind of device: CUDA GPUs with bf16
+    support, CPUs with AVX512-BF16 or AMX. Elsewhere bf16 is emulated and slower than float32.
+    """
+    if device_type == "cuda":
+        return th.cuda.is_available() and th.cuda.is_bf16_supported()
+    if device_type == "cpu":
+        return th.cpu._is_avx512_bf16_supported() or th.cpu._is_amx_tile_supported()
+    return False
 
 
 class EnsembleLinear(nn.Module):
@@ -237,7 +252,12 @@ class EnsembleCritic(BaseModel):
             hidden = (action_part.view(self.n_critics, *batch_shape, -1) + obs_part.unsqueeze(2)).flatten(1, 2)
         else:
             hidden = action_part + obs_part
-        return self.body(hidden).view(self.n_critics, *batch_shape)
+        hidden = self.body[:-1](hidden)
+        # The output layer runs in float32 even under bf16 autocast: bf16 keeps ~3 significant digits, too few
+        # to rank best-of-N candidates whose values differ in the third digit (Q ~ -50 rounds to steps of 0.25).
+        with th.autocast(hidden.device.type, enabled=False):
+            q_values = self.body[-1](hidden.float())
+        return q_values.view(self.n_critics, *batch_shape)
 
     def forward(self, obs: PyTorchObs, actions: th.Tensor) -> th.Tensor:
         return self.q_from_features(self.extract_features(obs, self.features_extractor), actions)
@@ -267,6 +287,10 @@ class QCPolicy(BasePolicy):
     :param flow_steps: Euler steps of the flow
     :param q_aggregation: "mean" or "min" over the critic ensemble
     :param n_critics: number of critics K
+    :param sampling_precision: precision of the no-gradient sampling path (flow integration of the N
+        candidate chunks, their critic scores, the distillation target): "bfloat16" (autocast; master weights,
+        losses and gradients stay float32), "float32", or "auto" = bfloat16 where the device has native bf16
+        matmuls (:func:`has_fast_bf16`), float32 elsewhere
     :param critic_layer_norm: LayerNorm in the critics
     :param actor_layer_norm: LayerNorm in the actors
     :param features_extractor_class: features extractor class
@@ -292,6 +316,7 @@ class QCPolicy(BasePolicy):
         flow_steps: int = 10,
         q_aggregation: str = "mean",
         n_critics: int = 2,
+        sampling_precision: str = "auto",
         critic_layer_norm: bool = True,
         actor_layer_norm: bool = False,
         features_extractor_class: type[BaseFeaturesExtractor] = FlattenExtractor,
@@ -314,6 +339,8 @@ class QCPolicy(BasePolicy):
             raise ValueError(f"actor_type must be one of {ACTOR_TYPES}, got {actor_type!r}")
         if q_aggregation not in Q_AGGREGATIONS:
             raise ValueError(f"q_aggregation must be one of {Q_AGGREGATIONS}, got {q_aggregation!r}")
+        if sampling_precision not in SAMPLING_PRECISIONS:
+            raise ValueError(f"sampling_precision must be one of {SAMPLING_PRECISIONS}, got {sampling_precision!r}")
         if num_samples < 1 or flow_steps < 1 or n_critics < 1:
             raise ValueError(
                 f"num_samples, flow_steps and n_critics must be >= 1, got {num_samples}, {flow_steps}, {n_critics}"
@@ -332,6 +359,7 @@ class QCPolicy(BasePolicy):
         self.flow_steps = flow_steps
         self.q_aggregation = q_aggregation
         self.n_critics = n_critics
+        self.sampling_precision = sampling_precision
         self.critic_layer_norm = critic_layer_norm
         self.actor_layer_norm = actor_layer_norm
         self._build(lr_schedule)
@@ -393,6 +421,7 @@ class QCPolicy(BasePolicy):
                 flow_steps=self.flow_steps,
                 q_aggregation=self.q_aggregation,
                 n_critics=self.n_critics,
+                sampling_precision=self.sampling_precision,
                 critic_layer_norm=self.critic_layer_norm,
                 actor_layer_norm=self.actor_layer_norm,
                 lr_schedule=self._dummy_schedule,
@@ -408,6 +437,18 @@ class QCPolicy(BasePolicy):
     def chunk_dim(self) -> int:
         """Size of the flattened chunk the networks work on."""
         return get_action_dim(self.action_space)
+
+    def sampling_autocast(self) -> th.autocast:
+        """
+        The autocast context of the no-gradient sampling path: bfloat16 when ``sampling_precision`` says so
+        (or is "auto" on a device with native bf16), disabled otherwise. Results are cast back to float32 by
+        the callers, so the gradient path never sees bf16 tensors.
+        """
+        if self.sampling_precision == "auto":
+            enabled = has_fast_bf16(self.device.type)
+        else:
+            enabled = self.sampling_precision == "bfloat16"
+        return th.autocast(self.device.type, dtype=th.bfloat16, enabled=enabled)
 
     def flow_actions(self, actor_features: th.Tensor, noise: th.Tensor) -> th.Tensor:
         """Chunks from the BC flow for the given noise, (B, D) or (B, N, D)."""
@@ -440,14 +481,17 @@ class QCPolicy(BasePolicy):
         The chunks the agent acts with (and bootstraps with in the critic target), in [-1, 1].
 
         :param obs: a batch of (preprocessed by SB3's ``obs_to_tensor``) observations
-        :return: (B, D) chunks
+        :return: (B, D) float32 chunks
         """
-        actor_features = self.actor.extract_features(obs, self.actor.features_extractor)
-        if self.actor_type == "distill":
-            noise = th.randn(actor_features.shape[0], self.chunk_dim, device=actor_features.device)
-            return self.onestep_actions(actor_features, noise).clamp(-1.0, 1.0)
-        critic_features = self.critic.extract_features(obs, self.critic.features_extractor)
-        return self.best_of_n(actor_features, critic_features, self.critic)
+        with self.sampling_autocast():
+            actor_features = self.actor.extract_features(obs, self.actor.features_extractor)
+            if self.actor_type == "distill":
+                noise = th.randn(actor_features.shape[0], self.chunk_dim, device=actor_features.device)
+                chunks = self.onestep_actions(actor_features, noise).clamp(-1.0, 1.0)
+            else:
+                critic_features = self.critic.extract_features(obs, self.critic.features_extractor)
+                chunks = self.best_of_n(actor_features, critic_features, self.critic)
+        return chunks.float()
 
     def forward(self, obs: PyTorchObs, deterministic: bool = False) -> th.Tensor:
         return self._predict(obs, deterministic=deterministic)
@@ -479,6 +523,7 @@ class MultiInputPolicy(QCPolicy):
         flow_steps: int = 10,
         q_aggregation: str = "mean",
         n_critics: int = 2,
+        sampling_precision: str = "auto",
         critic_layer_norm: bool = True,
         actor_layer_norm: bool = False,
         features_extractor_class: type[BaseFeaturesExtractor] = CombinedExtractor,
@@ -498,6 +543,7 @@ class MultiInputPolicy(QCPolicy):
             flow_steps,
             q_aggregation,
             n_critics,
+            sampling_precision,
             critic_layer_norm,
             actor_layer_norm,
             features_extractor_class,
