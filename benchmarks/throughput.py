@@ -1,30 +1,60 @@
 """
-Gradient updates per second of QC (best-of-N and distill) against SB3's SAC with the same networks, and the
-latency of choosing one chunk.
+Throughput of sb3-qchunk on this machine, in one run:
 
-Both algorithms train from replay buffers filled with synthetic transitions (obs 28, action 5: OGBench
-cube-single's sizes), so the numbers measure the update itself, not env stepping.
+1. Gradient updates per second of QC (best-of-N and QC-FQL) against SB3's SAC with the same networks (as a
+   ratio), for the plain float32 path and the fast path (``sampling_precision="auto"``: bf16 sampling on devices
+   with native bf16), and the latency of choosing one chunk. Small config: 256x256, N=8; paper config: 4x512,
+   N=32; both batch 256, h=5, obs 28, action 5 (OGBench cube-single's sizes), flow_steps 10, 2 critics.
+2. The FLOPs of one update (``torch.utils.flop_counter``) against the measured matmul throughput of torch on
+   this device (fp32, and bf16 for the sampling path when it runs in bf16): the fraction of that bound reached.
+3. Chunk-wrapper overhead: primitive steps per second of a raw env against the same env inside
+   ``ChunkedActionWrapper`` (h=5), on OGBench cube-single and on Pendulum-v1 (a cheap env).
+4. Dataset load time and replay-buffer memory for 1M OGBench transitions against the raw arrays' size.
 
-    python benchmarks/throughput.py                 # small and paper configs, prints a markdown table
-    python benchmarks/throughput.py --smoke         # a few updates of a tiny config (used by the tests)
-    python benchmarks/throughput.py --out benchmarks/results/throughput.md
+Buffers for (1) hold synthetic transitions, so those numbers measure the update itself, not env stepping.
+Each rate is the median of ``--repeats`` timed blocks, the algorithms interleaved block by block, so that a
+slower moment of the machine does not favour one of them.
+
+    python benchmarks/throughput.py --out benchmarks/results/throughput.md     # everything (~10 min on 2 cores)
+    python benchmarks/throughput.py --sections updates --configs small        # a part
+    python benchmarks/throughput.py --device cuda --sections updates          # on a GPU
+    python benchmarks/throughput.py --smoke --out /tmp/throughput.md          # tiny, for the tests
 """
 
 import argparse
 import datetime
 import os
 import platform
+import shlex
+import statistics
+import sys
+import tempfile
 import time
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3 import SAC
+from stable_baselines3.common.logger import configure
+from torch.utils.flop_counter import FlopCounterMode
 
-from sb3_qchunk import QC
+from sb3_qchunk import QC, ChunkedActionWrapper
+from sb3_qchunk.qc.policies import has_fast_bf16
 
-OBS_DIM, ACTION_DIM = 28, 5
+OBS_DIM, ACTION_DIM, CHUNK = 28, 5, 5
+CONFIGS = {
+    "small": dict(net_arch=[256, 256], num_samples=8, n_updates=50, sac_updates=200),
+    "paper": dict(net_arch=[512, 512, 512, 512], num_samples=32, n_updates=5, sac_updates=50),
+}
+SMOKE_CONFIG = {"smoke": dict(net_arch=[16, 16], num_samples=2, n_updates=3, sac_updates=3)}
+# The authors' JAX code, measured on this machine type (issue 8), in updates/s: (best-of-N, QC-FQL).
+REFERENCE = {"small": (49.0, 139.0), "paper": (1.5, 20.6)}
+REFERENCE_SAC_SMALL = 147.0  # SB3 SAC in the same session as the reference's small numbers
 
 
 class SyntheticEnv(gym.Env):
@@ -69,99 +99,317 @@ def fill_sac_buffer(model: SAC, n: int, rng: np.random.Generator) -> None:
         )
 
 
-def time_updates(train_fn, n_updates: int, warmup: int) -> float:
-    """Updates per second of ``train_fn(gradient_steps)``, after ``warmup`` updates."""
-    train_fn(warmup)
-    start = time.perf_counter()
-    train_fn(n_updates)
-    return n_updates / (time.perf_counter() - start)
-
-
-def bench_qc(actor_type: str, net_arch: list[int], num_samples: int, n_updates: int, batch_size: int) -> dict[str, float]:
+def make_qc(actor_type: str, net_arch: list[int], num_samples: int, batch_size: int, precision: str, device: str) -> QC:
     th.manual_seed(0)
     model = QC(
         "MlpPolicy",
         SyntheticEnv(),
-        chunk_size=5,
+        chunk_size=CHUNK,
         actor_type=actor_type,
         num_samples=num_samples,
         flow_steps=10,
         batch_size=batch_size,
         buffer_size=20_000,
-        policy_kwargs=dict(net_arch=net_arch),
+        policy_kwargs=dict(net_arch=net_arch, sampling_precision=precision),
         seed=0,
+        device=device,
     )
-    model.set_logger(_null_logger())
+    model.set_logger(configure(None, []))
     fill_qc_buffer(model, 10_000, np.random.default_rng(0))
-    ups = time_updates(lambda n: model.train(n, batch_size), n_updates, warmup=max(2, n_updates // 10))
+    return model
+
+
+def make_sac(net_arch: list[int], batch_size: int, device: str) -> SAC:
+    th.manual_seed(0)
+    model = SAC("MlpPolicy", SyntheticEnv(), batch_size=batch_size, buffer_size=20_000, policy_kwargs=dict(net_arch=net_arch), seed=0, device=device)
+    model.set_logger(configure(None, []))
+    fill_sac_buffer(model, 2_000, np.random.default_rng(0))
+    return model
+
+
+def interleaved_rates(jobs: dict[str, tuple[Callable[[int], Any], int]], repeats: int) -> dict[str, float]:
+    """
+    Median rate (units per second) of each ``fn(n)`` over ``repeats`` timed blocks, the jobs taking turns.
+
+    :param jobs: name -> (fn, n): ``fn(n)`` does n units of work (one warm-up call of ``max(1, n // 5)`` first)
+    """
+    for fn, n in jobs.values():
+        fn(max(1, n // 5))
+    rates: dict[str, list[float]] = {name: [] for name in jobs}
+    for _ in range(repeats):
+        for name, (fn, n) in jobs.items():
+            start = time.perf_counter()
+            fn(n)
+            rates[name].append(n / (time.perf_counter() - start))
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
+def predict_ms(model: QC, n: int) -> float:
     obs = np.zeros(OBS_DIM, dtype=np.float32)
     model.predict(obs)
-    n_predict = 50
     start = time.perf_counter()
-    for _ in range(n_predict):
+    for _ in range(n):
         model.predict(obs)
-    latency_ms = 1000 * (time.perf_counter() - start) / n_predict
-    return {"updates_per_s": ups, "predict_ms": latency_ms}
+    return 1000 * (time.perf_counter() - start) / n
 
 
-def bench_sac(net_arch: list[int], n_updates: int, batch_size: int) -> float:
-    th.manual_seed(0)
-    model = SAC("MlpPolicy", SyntheticEnv(), batch_size=batch_size, buffer_size=20_000, policy_kwargs=dict(net_arch=net_arch), seed=0)
-    model.set_logger(_null_logger())
-    fill_sac_buffer(model, 2_000, np.random.default_rng(0))
-    return time_updates(lambda n: model.train(n, batch_size), n_updates, warmup=max(2, n_updates // 10))
+def update_flops(model: QC) -> tuple[float, float]:
+    """FLOPs of one gradient update, and those of its no-gradient sampling part (what bf16 autocast covers)."""
+    data = model.replay_buffer.sample(model.batch_size)
+    with FlopCounterMode(display=False) as total:
+        model.train(1, model.batch_size)
+    policy = model.policy
+    with FlopCounterMode(display=False) as sampling, th.no_grad():
+        if model.actor_type == "best_of_n":
+            policy.sample_chunks(data.next_observations)
+        else:
+            features = model.actor.extract_features(data.observations, model.actor.features_extractor)
+            policy.flow_actions(features, th.zeros_like(data.actions.flatten(1)))  # the distillation target
+    return float(total.get_total_flops()), float(sampling.get_total_flops())
 
 
-def _null_logger():
-    from stable_baselines3.common.logger import configure
+def matmul_peak(dtype: th.dtype, device: str, size: int = 1024, repeats: int = 20) -> float:
+    """Measured GFLOP/s of a square matmul in ``dtype`` (the best of a few timed blocks)."""
+    a = th.randn(size, size, device=device, dtype=dtype)
+    b = th.randn(size, size, device=device, dtype=dtype)
+    best = 0.0
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            c = a @ b
+        float(c[0, 0])  # waits for the device
+        best = max(best, 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9)
+    return best
 
-    return configure(None, [])
+
+def bench_updates(configs: dict[str, dict[str, Any]], batch_size: int, repeats: int, device: str) -> tuple[list[str], list[str]]:
+    """Section 1 and 2: updates/s, ratios to SAC, predict latency, FLOPs and the fraction of the matmul bound."""
+    peak32 = matmul_peak(th.float32, device)
+    peak16 = matmul_peak(th.bfloat16, device)
+    fast = has_fast_bf16(th.device(device).type)
+    lines = [
+        f"Measured matmul throughput (1024^3, best of 5 blocks): fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s; "
+        f"native bf16 on this device: {fast} (so `sampling_precision='auto'` = {'bf16' if fast else 'fp32'}).",
+        "",
+        "| config | actor | sampling | QC updates/s | SAC updates/s | QC / SAC | reference / SAC | predict ms/chunk | "
+        "GFLOP/update | GFLOP/s | fraction of bound |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    goals: list[str] = []
+    for name, config in configs.items():
+        sac = make_sac(config["net_arch"], batch_size, device)
+        models = {
+            (actor, precision): make_qc(actor, config["net_arch"], config["num_samples"], batch_size, precision, device)
+            for actor in ("best_of_n", "distill")
+            for precision in ("float32", "auto")
+        }
+        jobs: dict[str, tuple[Callable[[int], Any], int]] = {"sac": (lambda n, m=sac: m.train(n, batch_size), config["sac_updates"])}
+        for key, model in models.items():
+            jobs[str(key)] = (lambda n, m=model: m.train(n, batch_size), config["n_updates"])
+        rates = interleaved_rates(jobs, repeats)
+        sac_rate = rates["sac"]
+        for (actor, precision), model in models.items():
+            rate = rates[str((actor, precision))]
+            latency = predict_ms(model, 20)
+            flops, sampling_flops = update_flops(model)
+            sampling_peak = peak16 if precision == "auto" and fast else peak32
+            bound_s = (flops - sampling_flops) / (peak32 * 1e9) + sampling_flops / (sampling_peak * 1e9)
+            reference = REFERENCE.get(name, (None, None))[actor == "distill"]
+            ref_ratio = f"{reference / REFERENCE_SAC_SMALL:.2f}" if reference is not None and name == "small" else "-"
+            label = "fp32" if precision == "float32" else ("auto: bf16" if fast else "auto: fp32")
+            lines.append(
+                f"| {name} | {actor} | {label} | {rate:.2f} | {sac_rate:.1f} | {rate / sac_rate:.2f} | {ref_ratio} | "
+                f"{latency:.2f} | {flops / 1e9:.2f} | {flops * rate / 1e9:.0f} | {bound_s * rate:.2f} |"
+            )
+            print(lines[-1], flush=True)
+            if precision == "auto":
+                goals += goal_lines(name, actor, rate, sac_rate, latency)
+    return lines, goals
+
+
+def goal_lines(config: str, actor: str, rate: float, sac_rate: float, latency: float) -> list[str]:
+    """Issue 8's goals for the fast path, checked against what was measured."""
+    out = []
+
+    def check(what: str, value: float, goal: float, unit: str) -> None:
+        out.append(f"- {config} {actor}: {what} {value:.2f}{unit} (goal >= {goal}{unit}): {'met' if value >= goal else 'NOT met'}")
+
+    if config == "small":
+        check("QC / SAC", rate / sac_rate, 0.5 if actor == "best_of_n" else 1.4, "x")
+    if config == "paper" and actor == "best_of_n":
+        check("updates/s", rate, 3.0, "")
+    if config in ("small", "paper"):
+        limit = (2.0 if config == "small" else 5.0) if actor == "best_of_n" else None
+        if limit is not None:
+            out.append(f"- {config} {actor}: predict {latency:.2f} ms/chunk (goal <= {limit} ms): {'met' if latency <= limit else 'NOT met'}")
+    return out
+
+
+def steps_per_second(env: gym.Env, actions: np.ndarray, chunk: int) -> float:
+    """Primitive steps per second of ``env`` fed ``actions`` (pre-drawn, so the loops differ only in the wrapper)."""
+    env.reset(seed=0)
+    done_steps = 0
+    start = time.perf_counter()
+    while done_steps < len(actions) - chunk:
+        action = actions[done_steps] if chunk == 1 else actions[done_steps : done_steps + chunk]
+        _, _, terminated, truncated, info = env.step(action)
+        done_steps += info["chunk_steps"] if chunk > 1 else 1
+        if terminated or truncated:
+            env.reset()
+    return done_steps / (time.perf_counter() - start)
+
+
+def bench_wrapper(env_ids: list[str], n_steps: int, repeats: int) -> list[str]:
+    """Section 3: primitive steps/s of the raw env and of the chunk-wrapped env (h=5)."""
+    import ogbench  # noqa: F401  (registers the OGBench envs)
+
+    lines = [
+        "| env | raw env steps/s | wrapped (h=5) primitive steps/s | wrapped / raw time per step |",
+        "|---|---|---|---|",
+    ]
+    for env_id in env_ids:
+        raw = gym.make(env_id)
+        wrapped = ChunkedActionWrapper(gym.make(env_id), chunk_size=CHUNK)
+        space = raw.action_space
+        actions = np.random.default_rng(0).uniform(space.low, space.high, (n_steps + CHUNK, *space.shape)).astype(space.dtype)
+        rates = interleaved_rates(
+            {
+                "raw": (lambda n, e=raw: steps_per_second(e, actions[:n], 1), n_steps),
+                "wrapped": (lambda n, e=wrapped: steps_per_second(e, actions[:n], CHUNK), n_steps),
+            },
+            repeats,
+        )
+        lines.append(f"| {env_id} | {rates['raw']:.0f} | {rates['wrapped']:.0f} | {rates['raw'] / rates['wrapped']:.3f} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
+def bench_dataset(source: Path, source_size: int, n_transitions: int) -> list[str]:
+    """
+    Section 4: time to load ``n_transitions`` OGBench transitions into QC's replay buffer, and the memory they
+    take. The file is ``source`` (generated with ``source_size`` transitions if missing) repeated end to end.
+    """
+    from sb3_qchunk.datasets import generate_ogbench_dataset
+
+    env_id = "cube-single-singletask-task1-v0"
+    if not source.exists():
+        print(f"Generating {source} for the dataset benchmark", flush=True)
+        source.parent.mkdir(parents=True, exist_ok=True)
+        generate_ogbench_dataset("cube-single", source_size, seed=0, out=source, progress_bar=False)
+    with np.load(source) as file:
+        raw = {key: file[key] for key in file.files}
+    # An episode of T + 1 rows gives T transitions.
+    copies = -(-n_transitions // (len(raw["terminals"]) - int(raw["terminals"].sum())))
+    tiled = {key: np.concatenate([value] * copies) for key, value in raw.items()}
+    raw_bytes = sum(value.nbytes for value in tiled.values())
+    used_bytes = sum(tiled[key].nbytes for key in ("observations", "actions", "terminals"))
+    model = QC("MlpPolicy", gym.make(env_id), buffer_size=1_000, policy_kwargs=dict(net_arch=[16, 16]), learning_starts=0)
+    with tempfile.TemporaryDirectory(dir=source.parent) as tmp:
+        path = Path(tmp) / "tiled.npz"
+        np.savez(path, **tiled)
+        del tiled
+        start = time.perf_counter()
+        model.load_dataset(str(path), env=env_id)
+        load_s = time.perf_counter() - start
+        model.replay_buffer.offline = None
+        tracemalloc.start()  # numpy reports its allocations to tracemalloc: the peak of the second load
+        model.load_dataset(str(path), env=env_id)
+        peak_bytes = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    offline = model.replay_buffer.offline
+    assert offline is not None
+    buffer_bytes = sum(v.nbytes for value in offline.values() for v in (value.values() if isinstance(value, dict) else [value]))
+    start = time.perf_counter()
+    for _ in range(100):
+        model.replay_buffer.sample(256)
+    sample_ms = 1000 * (time.perf_counter() - start) / 100
+    mib = 2**20
+    lines = [
+        f"Source: {copies} copies of `{source}` (OGBench cube-single play data generated with the official recipe) "
+        f"saved as one npz, loaded with `QC.load_dataset(path, env='{env_id}')`: read, build next observations, "
+        "relabel rewards for task 1 with `ogbench.relabel_utils`, validate, store. Raw arrays: all keys of the file "
+        "(with `qpos`, `qvel`) / those the buffer uses (`observations`, `actions`, `terminals`). The buffer keeps "
+        "next observations as their own array (so windows never look across an episode end).",
+        "",
+        "| transitions | load time s | buffer MiB | raw arrays MiB (all / used) | buffer / used | peak allocation during load MiB | sample(256) ms |",
+        "|---|---|---|---|---|---|---|",
+        f"| {model.replay_buffer.offline_size} | {load_s:.2f} | {buffer_bytes / mib:.0f} | {raw_bytes / mib:.0f} / "
+        f"{used_bytes / mib:.0f} | {buffer_bytes / used_bytes:.2f} | {peak_bytes / mib:.0f} | {sample_ms:.2f} |",
+    ]
+    print("\n".join(lines[-3:]), flush=True)
+    return lines
+
+
+def machine_line(device: str) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as file:
+            cpu = next(line.split(":", 1)[1].strip() for line in file if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if device.startswith("cuda") and th.cuda.is_available():
+        cpu += f"; GPU {th.cuda.get_device_name()}"
+    return f"{cpu}, {os.cpu_count()} cores, torch {th.__version__} ({th.get_num_threads()} threads), device {device}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="tiny config, a few updates (for the tests)")
-    parser.add_argument("--configs", nargs="+", default=["small", "paper"], choices=["small", "paper"])
-    parser.add_argument("--out", type=str, default=None, help="write the markdown table to this file")
+    parser.add_argument("--smoke", action="store_true", help="tiny configs, a few updates (for the tests)")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--sections", nargs="+", default=["updates", "wrapper", "dataset"], choices=["updates", "wrapper", "dataset"])
+    parser.add_argument("--repeats", type=int, default=5, help="timed blocks per measurement (the median is kept)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dataset-source", type=Path, default=None, help="OGBench npz repeated for section 4 "
+                        "(default: data/cube-single-play-100000-seed0.npz, generated if missing)")
+    parser.add_argument("--dataset-transitions", type=int, default=1_000_000)
+    parser.add_argument("--out", type=str, default=None, help="write the markdown report to this file")
     args = parser.parse_args()
 
-    configs = {
-        "small": dict(net_arch=[256, 256], num_samples=8, n_updates=200, sac_updates=500),
-        "paper": dict(net_arch=[512, 512, 512, 512], num_samples=32, n_updates=10, sac_updates=100),
-    }
-    batch_size = 256
+    batch_size, configs, wrapper_steps, source_size = 256, {name: CONFIGS[name] for name in args.configs}, 5_000, 100_000
     if args.smoke:
-        configs = {"smoke": dict(net_arch=[16, 16], num_samples=2, n_updates=3, sac_updates=3)}
-        batch_size = 8
-    else:
-        configs = {name: configs[name] for name in args.configs}
+        batch_size, configs, wrapper_steps, args.repeats = 8, SMOKE_CONFIG, 50, 2
+        source_size, args.dataset_transitions = 1_000, min(args.dataset_transitions, 3_000)
+    if args.dataset_source is None:
+        data_dir = Path(args.out).parent / "data" if args.smoke and args.out else Path("data")
+        args.dataset_source = data_dir / f"cube-single-play-{source_size}-seed0.npz"
 
-    rows = []
-    for name, config in configs.items():
-        sac_ups = bench_sac(config["net_arch"], config["sac_updates"], batch_size)
-        for actor_type in ("best_of_n", "distill"):
-            result = bench_qc(actor_type, config["net_arch"], config["num_samples"], config["n_updates"], batch_size)
-            rows.append(
-                f"| {name} | {'x'.join(map(str, config['net_arch']))} | {config['num_samples']} | {actor_type} | "
-                f"{result['updates_per_s']:.2f} | {sac_ups:.1f} | {result['updates_per_s'] / sac_ups:.2f} | "
-                f"{result['predict_ms']:.2f} |"
-            )
-            print(rows[-1], flush=True)
-
-    header = [
-        f"Date: {datetime.date.today().isoformat()}; machine: {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores, torch {th.__version__} ({th.get_num_threads()} threads), CPU, fp32.",
-        f"Batch {batch_size}, h=5, obs {OBS_DIM}, action {ACTION_DIM}, flow_steps 10, 2 critics.",
+    report = [
+        "# Throughput",
         "",
-        "| config | net | N | actor | QC updates/s | SAC updates/s | QC / SAC | predict ms/chunk |",
-        "|---|---|---|---|---|---|---|---|",
+        f"Command: `{shlex.join(['python', *sys.argv])}`",
+        f"Date: {datetime.datetime.now().isoformat(timespec='seconds')}; machine: {machine_line(args.device)}.",
+        "",
     ]
-    table = "\n".join(header + rows)
+    goals: list[str] = []
+    if "updates" in args.sections:
+        lines, goals = bench_updates(configs, batch_size, args.repeats, args.device)
+        report += [
+            f"## Gradient updates per second (batch {batch_size}, h={CHUNK}, obs {OBS_DIM}, action {ACTION_DIM}, "
+            f"flow_steps 10, 2 critics; median of {args.repeats} interleaved blocks)",
+            "",
+            *lines,
+            "",
+            "`reference / SAC`: the authors' JAX code over SB3 SAC, both measured in one session on this machine type "
+            f"(issue 8: {REFERENCE['small'][0]:.0f} and {REFERENCE['small'][1]:.0f} updates/s against SAC's "
+            f"{REFERENCE_SAC_SMALL:.0f}); paper config, reference: {REFERENCE['paper'][0]} (best-of-N) and "
+            f"{REFERENCE['paper'][1]} (QC-FQL) updates/s. `fraction of bound`: time one update would take at the "
+            "measured matmul throughput (fp32 for the gradient path, the sampling path's own precision for its FLOPs) "
+            "over the time it took.",
+            "",
+        ]
+        if goals:
+            report += ["Issue 8's goals (fast path):", "", *goals, ""]
+    if "wrapper" in args.sections:
+        envs = ["Pendulum-v1"] if args.smoke else ["cube-single-singletask-task1-v0", "Pendulum-v1"]
+        report += ["## Chunk-wrapper overhead (random actions, primitive steps per second)", "", *bench_wrapper(envs, wrapper_steps, args.repeats), ""]
+    if "dataset" in args.sections:
+        dataset_lines = bench_dataset(args.dataset_source, source_size, args.dataset_transitions)
+        report += ["## Offline dataset: load time and replay-buffer memory", "", *dataset_lines, ""]
+    text = "\n".join(report)
     print()
-    print(table)
+    print(text)
     if args.out:
-        with open(args.out, "w") as file:
-            file.write(table + "\n")
+        Path(args.out).write_text(text + "\n")
 
 
 if __name__ == "__main__":

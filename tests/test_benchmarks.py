@@ -8,6 +8,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def table_rows(text, first_cell):
+    """The cells of the markdown table rows that start with ``first_cell``."""
+    return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith(f"| {first_cell} |")]
+
+
 def test_throughput_smoke(tmp_path):
     out = tmp_path / "throughput.md"
     subprocess.run(
@@ -15,8 +20,18 @@ def test_throughput_smoke(tmp_path):
         check=True,
         timeout=300,
     )
-    table = out.read_text()
-    assert "| smoke | 16x16 | 2 | best_of_n |" in table and "| smoke | 16x16 | 2 | distill |" in table
+    report = out.read_text()
+    updates = table_rows(report, "smoke")
+    assert [(row[1], row[2].split(":")[0]) for row in updates] == [
+        ("best_of_n", "fp32"), ("best_of_n", "auto"), ("distill", "fp32"), ("distill", "auto")
+    ]  # fmt: skip
+    for row in updates:
+        qc, sac, ratio = float(row[3]), float(row[4]), float(row[5])
+        assert qc > 0 and sac > 0 and abs(ratio - qc / sac) < 0.01
+    (wrapper,) = table_rows(report, "Pendulum-v1")
+    assert float(wrapper[1]) > 0 and float(wrapper[2]) > 0
+    (dataset,) = table_rows(report, "3000")  # 3 copies of a 1001-row episode: 1000 transitions each
+    assert float(dataset[1]) > 0 and 1.0 < float(dataset[4]) < 2.5  # buffer bytes / raw bytes used
 
 
 def test_learning_smoke(tmp_path):
