@@ -18,13 +18,14 @@ it keeps QC's 2-critic ensemble with mean aggregation and UTD 1 (no 10-critic en
 For each env a dataset is generated once (``data/{env}-play-{size}-seed0.npz``) and shared by all runs. Each run
 (env, method, seed) evaluates the fresh model, pre-trains offline in blocks, then learns online in blocks
 (learning_starts=0: the pre-trained policy acts at once), evaluating after every block. Runs go to a pool of
-``--workers`` processes (one torch thread each); each finished run appends its rows to ``curves.csv``.
+``--workers`` processes (one torch thread each when there are several); each finished run appends its rows to ``curves.csv``.
 
     python benchmarks/learning.py                                  # 2 envs x 6 methods x 3 seeds
     python benchmarks/learning.py --envs cube-single --methods QC FQL RLPD --seeds 0 1
     python benchmarks/learning.py --resume                         # skip runs already in curves.csv
     python benchmarks/learning.py --report-only                    # rebuild the PNGs and summary.md
     python benchmarks/learning.py --smoke --out /tmp/learning      # tiny, about 20 s (used by the tests)
+    python benchmarks/learning.py --paper --device cuda --envs cube-single --methods QC --seeds 0   # paper scale
 """
 
 import argparse
@@ -69,6 +70,12 @@ SMOKE = dict(
     online_steps=50, eval_every_offline=10, eval_every_online=25, eval_episodes=2, envs=["cube-single"],
     methods=["QC", "RLPD"], seeds=[0], workers=1, out="runs/learning-smoke",
 )  # fmt: skip
+# The paper's scale (DESIGN.md): for a GPU, one run per process, e.g. --paper --device cuda --workers 1.
+PAPER = dict(
+    net_arch=[512, 512, 512, 512], num_samples=32, dataset_size=1_000_000, offline_updates=1_000_000,
+    online_steps=1_000_000, eval_every_offline=100_000, eval_every_online=100_000, eval_episodes=50, workers=1,
+    compile_sampling=True, out="runs/learning-paper",
+)  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -88,6 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--flow-steps", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--alpha", type=float, default=100.0, help="distillation weight of QC-FQL and FQL")
+    parser.add_argument("--sampling-precision", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--compile-sampling", action="store_true", help="torch.compile the sampling path")
     parser.add_argument("--workers", type=int, default=2, help="parallel runs (processes, one thread each)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data-dir", default=None, help="dataset cache (default: data/, or <out>/data with --smoke)")
@@ -95,9 +104,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="skip (env, method, seed) runs already in curves.csv")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the PNGs and summary.md")
     parser.add_argument("--smoke", action="store_true", help="tiny config and data (for the tests)")
+    parser.add_argument("--paper", action="store_true", help="the paper's scale (4x512, N=32, 1M + 1M; for a GPU)")
     args = parser.parse_args(argv)
-    if args.smoke:  # smoke values become the defaults; options given explicitly still win
-        parser.set_defaults(**SMOKE)
+    if args.smoke or args.paper:  # the preset's values become the defaults; options given explicitly still win
+        parser.set_defaults(**(SMOKE if args.smoke else PAPER))
         args = parser.parse_args(argv)
     if args.data_dir is None:
         args.data_dir = str(Path(args.out) / "data") if args.smoke else "data"
@@ -136,7 +146,8 @@ def dataset_path(args: argparse.Namespace, env: str) -> Path:
 def run_one(job: tuple[argparse.Namespace, str, str, int, Path]) -> list[dict[str, Any]]:
     """One (env, method, seed) run: offline pre-training then online learning, evaluated after every block."""
     args, env, method, seed, path = job
-    th.set_num_threads(1)
+    if args.workers > 1:
+        th.set_num_threads(1)  # parallel runs share the cores
     env_id = f"{env}-singletask-task{args.task}-v0"
     start = time.time()
     th.manual_seed(seed)
@@ -149,7 +160,9 @@ def run_one(job: tuple[argparse.Namespace, str, str, int, Path]) -> list[dict[st
         batch_size=args.batch_size,
         learning_starts=0,
         buffer_size=args.online_steps + 1_000,  # the online ring only: the dataset is kept in its own block
-        policy_kwargs=dict(net_arch=args.net_arch),
+        policy_kwargs=dict(
+            net_arch=args.net_arch, sampling_precision=args.sampling_precision, compile_sampling=args.compile_sampling
+        ),
         seed=seed,
         device=args.device,
     )

@@ -61,8 +61,9 @@ def test_critic_loss_matches_the_equation():
     assert float(stats["critic_loss"]) == pytest.approx(float(expected), rel=1e-5)
 
 
-def test_best_of_n_picks_the_critic_argmax(monkeypatch):
-    model = small_qc(chunk_size=2, num_samples=4)
+@pytest.mark.parametrize("compile_sampling", [False, True])
+def test_best_of_n_picks_the_critic_argmax(monkeypatch, compile_sampling):
+    model = small_qc(chunk_size=2, num_samples=4, policy_kwargs=dict(net_arch=[16, 16], compile_sampling=compile_sampling))
     policy = model.policy
     candidates = th.tensor(
         [
@@ -289,3 +290,17 @@ def test_sampling_precision_setting():
     assert model.policy.sample_chunks(th.zeros(3, 3)).dtype == th.float32
     with pytest.raises(ValueError, match="sampling_precision must be one of"):
         small_qc(policy_kwargs=dict(net_arch=[16, 16], sampling_precision="fp8"))
+
+
+def test_compiled_sampling_matches_eager():
+    """torch.compile'd sampling computes what the eager code does (float32 here, so up to rounding)."""
+    eager = small_qc(chunk_size=3, actor_type="distill", policy_kwargs=dict(net_arch=[16, 16], sampling_precision="float32"))
+    compiled = small_qc(chunk_size=3, actor_type="distill",
+                        policy_kwargs=dict(net_arch=[16, 16], sampling_precision="float32", compile_sampling=True))  # fmt: skip
+    compiled.policy.load_state_dict(eager.policy.state_dict())
+    features, noise = th.randn(32, 3), th.randn(32, 3)
+    expected = eager.policy.distill_target(features, noise)
+    np.testing.assert_allclose(compiled.policy.distill_target(features, noise).numpy(), expected.numpy(), atol=1e-5)
+    assert set(compiled.policy._compiled) == {"flow_actions"} and not eager.policy._compiled
+    chunks = compiled.policy.sample_chunks(th.randn(5, 3))
+    assert chunks.shape == (5, 3) and chunks.dtype == th.float32 and float(chunks.abs().max()) <= 1.0

@@ -3,6 +3,7 @@ optional one-step (distilled) actor."""
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch as th
@@ -291,6 +292,10 @@ class QCPolicy(BasePolicy):
         candidate chunks, their critic scores, the distillation target): "bfloat16" (autocast; master weights,
         losses and gradients stay float32), "float32", or "auto" = bfloat16 where the device has native bf16
         matmuls (:func:`has_fast_bf16`), float32 elsewhere
+    :param compile_sampling: ``torch.compile`` the sampling path (best-of-N / one-step action choice and the
+        distillation target). Fuses its elementwise work: about 2.5x faster best-of-N sampling on a 2-core CPU,
+        for 15-25 s of compilation per batch shape at start-up (training batch, acting batch). Worth it for runs
+        of more than a few minutes; compiled and eager paths draw different random numbers for the same seed
     :param critic_layer_norm: LayerNorm in the critics
     :param actor_layer_norm: LayerNorm in the actors
     :param features_extractor_class: features extractor class
@@ -317,6 +322,7 @@ class QCPolicy(BasePolicy):
         q_aggregation: str = "mean",
         n_critics: int = 2,
         sampling_precision: str = "auto",
+        compile_sampling: bool = False,
         critic_layer_norm: bool = True,
         actor_layer_norm: bool = False,
         features_extractor_class: type[BaseFeaturesExtractor] = FlattenExtractor,
@@ -360,9 +366,11 @@ class QCPolicy(BasePolicy):
         self.q_aggregation = q_aggregation
         self.n_critics = n_critics
         self.sampling_precision = sampling_precision
+        self.compile_sampling = compile_sampling
         self.critic_layer_norm = critic_layer_norm
         self.actor_layer_norm = actor_layer_norm
         self._build(lr_schedule)
+        self._compiled: dict[str, Callable[..., th.Tensor]] = {}  # torch.compile'd sampling, built on first use
 
     def _build(self, lr_schedule: Schedule) -> None:
         self.actor = self.make_actor()
@@ -422,6 +430,7 @@ class QCPolicy(BasePolicy):
                 q_aggregation=self.q_aggregation,
                 n_critics=self.n_critics,
                 sampling_precision=self.sampling_precision,
+                compile_sampling=self.compile_sampling,
                 critic_layer_norm=self.critic_layer_norm,
                 actor_layer_norm=self.actor_layer_norm,
                 lr_schedule=self._dummy_schedule,
@@ -475,6 +484,22 @@ class QCPolicy(BasePolicy):
         best = q_values.argmax(dim=1)
         return candidates[th.arange(batch_size, device=candidates.device), best]
 
+    def _sampling_fn(self, name: str, fn: Callable[..., th.Tensor]) -> Callable[..., th.Tensor]:
+        """``fn`` itself, or its ``torch.compile``'d version when ``compile_sampling`` is set."""
+        if not self.compile_sampling:
+            return fn
+        if name not in self._compiled:
+            self._compiled[name] = th.compile(fn)
+        return self._compiled[name]
+
+    def _sample_chunks(self, obs: PyTorchObs) -> th.Tensor:
+        actor_features = self.actor.extract_features(obs, self.actor.features_extractor)
+        if self.actor_type == "distill":
+            noise = th.randn(actor_features.shape[0], self.chunk_dim, device=actor_features.device)
+            return self.onestep_actions(actor_features, noise).clamp(-1.0, 1.0)
+        critic_features = self.critic.extract_features(obs, self.critic.features_extractor)
+        return self.best_of_n(actor_features, critic_features, self.critic)
+
     @th.no_grad()
     def sample_chunks(self, obs: PyTorchObs) -> th.Tensor:
         """
@@ -484,13 +509,20 @@ class QCPolicy(BasePolicy):
         :return: (B, D) float32 chunks
         """
         with self.sampling_autocast():
-            actor_features = self.actor.extract_features(obs, self.actor.features_extractor)
-            if self.actor_type == "distill":
-                noise = th.randn(actor_features.shape[0], self.chunk_dim, device=actor_features.device)
-                chunks = self.onestep_actions(actor_features, noise).clamp(-1.0, 1.0)
-            else:
-                critic_features = self.critic.extract_features(obs, self.critic.features_extractor)
-                chunks = self.best_of_n(actor_features, critic_features, self.critic)
+            chunks = self._sampling_fn("sample_chunks", self._sample_chunks)(obs)
+        return chunks.float()
+
+    @th.no_grad()
+    def distill_target(self, actor_features: th.Tensor, noise: th.Tensor) -> th.Tensor:
+        """
+        The BC flow's chunks for ``noise``: the target the one-step actor is distilled towards (no gradient).
+
+        :param actor_features: (B, features_dim) actor features
+        :param noise: (B, D) the noise the one-step actor also gets
+        :return: (B, D) float32 chunks
+        """
+        with self.sampling_autocast():
+            chunks = self._sampling_fn("flow_actions", self.flow_actions)(actor_features, noise)
         return chunks.float()
 
     def forward(self, obs: PyTorchObs, deterministic: bool = False) -> th.Tensor:
@@ -524,6 +556,7 @@ class MultiInputPolicy(QCPolicy):
         q_aggregation: str = "mean",
         n_critics: int = 2,
         sampling_precision: str = "auto",
+        compile_sampling: bool = False,
         critic_layer_norm: bool = True,
         actor_layer_norm: bool = False,
         features_extractor_class: type[BaseFeaturesExtractor] = CombinedExtractor,
@@ -544,6 +577,7 @@ class MultiInputPolicy(QCPolicy):
             q_aggregation,
             n_critics,
             sampling_precision,
+            compile_sampling,
             critic_layer_norm,
             actor_layer_norm,
             features_extractor_class,

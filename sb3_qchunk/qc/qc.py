@@ -446,8 +446,7 @@ class QC(OffPolicyAlgorithm):
         distill_loss = th.zeros((), device=x1.device)
         if self.actor_type == "distill":
             noise = th.randn_like(x1)
-            with th.no_grad(), self.policy.sampling_autocast():
-                target_flow_chunks = self.policy.flow_actions(actor_features, noise).float()
+            target_flow_chunks = self.policy.distill_target(actor_features, noise)
             onestep_chunks = self.policy.onestep_actions(actor_features, noise)
             distill_loss = ((onestep_chunks - target_flow_chunks) ** 2).mean()
             # Gradients reach the one-step actor through the critic, not the critic's weights.
