@@ -10,6 +10,7 @@ Throughput of sb3-qchunk on this machine, in one run:
 3. Chunk-wrapper overhead: primitive steps per second of a raw env against the same env inside
    ``ChunkedActionWrapper`` (h=5), on OGBench cube-single and on Pendulum-v1 (a cheap env).
 4. Dataset load time and replay-buffer memory for 1M OGBench transitions against the raw arrays' size.
+5. A torch.profiler breakdown of an update (the first config), plain and fast path.
 
 Buffers for (1) hold synthetic transitions, so those numbers measure the update itself, not env stepping.
 Each rate is the median of ``--repeats`` timed blocks, the algorithms interleaved block by block, so that a
@@ -99,7 +100,9 @@ def fill_sac_buffer(model: SAC, n: int, rng: np.random.Generator) -> None:
         )
 
 
-def make_qc(actor_type: str, net_arch: list[int], num_samples: int, batch_size: int, precision: str, device: str) -> QC:
+def make_qc(
+    actor_type: str, net_arch: list[int], num_samples: int, batch_size: int, precision: str, device: str, compile_sampling: bool = False
+) -> QC:
     th.manual_seed(0)
     model = QC(
         "MlpPolicy",
@@ -110,7 +113,7 @@ def make_qc(actor_type: str, net_arch: list[int], num_samples: int, batch_size: 
         flow_steps=10,
         batch_size=batch_size,
         buffer_size=20_000,
-        policy_kwargs=dict(net_arch=net_arch, sampling_precision=precision),
+        policy_kwargs=dict(net_arch=net_arch, sampling_precision=precision, compile_sampling=compile_sampling),
         seed=0,
         device=device,
     )
@@ -182,8 +185,13 @@ def matmul_peak(dtype: th.dtype, device: str, size: int = 1024, repeats: int = 2
     return best
 
 
-def bench_updates(configs: dict[str, dict[str, Any]], batch_size: int, repeats: int, device: str) -> tuple[list[str], list[str]]:
-    """Section 1 and 2: updates/s, ratios to SAC, predict latency, FLOPs and the fraction of the matmul bound."""
+def bench_updates(
+    configs: dict[str, dict[str, Any]], batch_size: int, repeats: int, device: str, with_compile: bool = True
+) -> tuple[list[str], list[str]]:
+    """
+    Section 1 and 2: updates/s, ratios to SAC, predict latency, start-up time (compilation), FLOPs and the
+    fraction of the matmul bound, for the plain path, the fast path and (``with_compile``) the compiled fast path.
+    """
     peak32 = matmul_peak(th.float32, device)
     peak16 = matmul_peak(th.bfloat16, device)
     fast = has_fast_bf16(th.device(device).type)
@@ -192,24 +200,28 @@ def bench_updates(configs: dict[str, dict[str, Any]], batch_size: int, repeats: 
         f"native bf16 on this device: {fast} (so `sampling_precision='auto'` = {'bf16' if fast else 'fp32'}).",
         "",
         "| config | actor | sampling | QC updates/s | SAC updates/s | QC / SAC | reference / SAC | predict ms/chunk | "
-        "GFLOP/update | GFLOP/s | fraction of bound |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "start-up s | GFLOP/update | GFLOP/s | fraction of bound |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     goals: list[str] = []
+    variants = [("float32", False), ("auto", False)] + [("auto", True)] * with_compile  # (precision, compile)
     for name, config in configs.items():
         sac = make_sac(config["net_arch"], batch_size, device)
-        models = {
-            (actor, precision): make_qc(actor, config["net_arch"], config["num_samples"], batch_size, precision, device)
-            for actor in ("best_of_n", "distill")
-            for precision in ("float32", "auto")
-        }
+        models, startup = {}, {}
+        for actor in ("best_of_n", "distill"):
+            for precision, compiled in variants:
+                model = make_qc(actor, config["net_arch"], config["num_samples"], batch_size, precision, device, compiled)
+                start = time.perf_counter()  # the first update and the first action choice: compilation, if any
+                model.train(1, batch_size)
+                model.predict(np.zeros(OBS_DIM, dtype=np.float32))
+                models[actor, precision, compiled], startup[actor, precision, compiled] = model, time.perf_counter() - start
         jobs: dict[str, tuple[Callable[[int], Any], int]] = {"sac": (lambda n, m=sac: m.train(n, batch_size), config["sac_updates"])}
         for key, model in models.items():
             jobs[str(key)] = (lambda n, m=model: m.train(n, batch_size), config["n_updates"])
         rates = interleaved_rates(jobs, repeats)
         sac_rate = rates["sac"]
-        for (actor, precision), model in models.items():
-            rate = rates[str((actor, precision))]
+        for (actor, precision, compiled), model in models.items():
+            rate = rates[str((actor, precision, compiled))]
             latency = predict_ms(model, 20)
             flops, sampling_flops = update_flops(model)
             sampling_peak = peak16 if precision == "auto" and fast else peak32
@@ -217,22 +229,24 @@ def bench_updates(configs: dict[str, dict[str, Any]], batch_size: int, repeats: 
             reference = REFERENCE.get(name, (None, None))[actor == "distill"]
             ref_ratio = f"{reference / REFERENCE_SAC_SMALL:.2f}" if reference is not None and name == "small" else "-"
             label = "fp32" if precision == "float32" else ("auto: bf16" if fast else "auto: fp32")
+            label += " + compile" if compiled else ""
             lines.append(
                 f"| {name} | {actor} | {label} | {rate:.2f} | {sac_rate:.1f} | {rate / sac_rate:.2f} | {ref_ratio} | "
-                f"{latency:.2f} | {flops / 1e9:.2f} | {flops * rate / 1e9:.0f} | {bound_s * rate:.2f} |"
+                f"{latency:.2f} | {startup[actor, precision, compiled]:.1f} | {flops / 1e9:.2f} | {flops * rate / 1e9:.0f} | "
+                f"{bound_s * rate:.2f} |"
             )
             print(lines[-1], flush=True)
             if precision == "auto":
-                goals += goal_lines(name, actor, rate, sac_rate, latency)
+                goals += goal_lines(name, actor, label, rate, sac_rate, latency)
     return lines, goals
 
 
-def goal_lines(config: str, actor: str, rate: float, sac_rate: float, latency: float) -> list[str]:
+def goal_lines(config: str, actor: str, label: str, rate: float, sac_rate: float, latency: float) -> list[str]:
     """Issue 8's goals for the fast path, checked against what was measured."""
     out = []
 
     def check(what: str, value: float, goal: float, unit: str) -> None:
-        out.append(f"- {config} {actor}: {what} {value:.2f}{unit} (goal >= {goal}{unit}): {'met' if value >= goal else 'NOT met'}")
+        out.append(f"- {config} {actor} ({label}): {what} {value:.2f}{unit} (goal >= {goal}{unit}): {'met' if value >= goal else 'NOT met'}")
 
     if config == "small":
         check("QC / SAC", rate / sac_rate, 0.5 if actor == "best_of_n" else 1.4, "x")
@@ -241,8 +255,28 @@ def goal_lines(config: str, actor: str, rate: float, sac_rate: float, latency: f
     if config in ("small", "paper"):
         limit = (2.0 if config == "small" else 5.0) if actor == "best_of_n" else None
         if limit is not None:
-            out.append(f"- {config} {actor}: predict {latency:.2f} ms/chunk (goal <= {limit} ms): {'met' if latency <= limit else 'NOT met'}")
+            out.append(f"- {config} {actor} ({label}): predict {latency:.2f} ms/chunk (goal <= {limit} ms): {'met' if latency <= limit else 'NOT met'}")
     return out
+
+
+def profile_updates(config: dict[str, Any], batch_size: int, device: str, n_updates: int = 10, rows: int = 8) -> list[str]:
+    """Section 5: where an update's time goes (torch.profiler, self time per op), fp32 and fast path, both actors."""
+    from torch.profiler import ProfilerActivity, profile
+
+    lines = []
+    for actor in ("best_of_n", "distill"):
+        for precision in ("float32", "auto"):
+            model = make_qc(actor, config["net_arch"], config["num_samples"], batch_size, precision, device)
+            model.train(2, batch_size)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                model.train(n_updates, batch_size)
+            events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+            total_ms = sum(e.self_cpu_time_total for e in events) / 1000 / n_updates
+            top = ", ".join(f"{e.key} {e.self_cpu_time_total / 1000 / n_updates:.2f}" for e in events[:rows])
+            lines.append(f"- {actor}, sampling {precision}: {total_ms:.1f} ms of CPU self time per update (profiled); "
+                         f"top ops, ms per update: {top}")
+            print(lines[-1], flush=True)
+    return lines
 
 
 def steps_per_second(env: gym.Env, actions: np.ndarray, chunk: int) -> float:
@@ -356,7 +390,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny configs, a few updates (for the tests)")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--sections", nargs="+", default=["updates", "wrapper", "dataset"], choices=["updates", "wrapper", "dataset"])
+    parser.add_argument("--sections", nargs="+", default=["updates", "profile", "wrapper", "dataset"], choices=["updates", "profile", "wrapper", "dataset"])
     parser.add_argument("--repeats", type=int, default=5, help="timed blocks per measurement (the median is kept)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dataset-source", type=Path, default=None, help="OGBench npz repeated for section 4 "
@@ -382,7 +416,7 @@ def main() -> None:
     ]
     goals: list[str] = []
     if "updates" in args.sections:
-        lines, goals = bench_updates(configs, batch_size, args.repeats, args.device)
+        lines, goals = bench_updates(configs, batch_size, args.repeats, args.device, with_compile=not args.smoke)
         report += [
             f"## Gradient updates per second (batch {batch_size}, h={CHUNK}, obs {OBS_DIM}, action {ACTION_DIM}, "
             f"flow_steps 10, 2 critics; median of {args.repeats} interleaved blocks)",
@@ -399,6 +433,9 @@ def main() -> None:
         ]
         if goals:
             report += ["Issue 8's goals (fast path):", "", *goals, ""]
+    if "profile" in args.sections:
+        name, config = next(iter(configs.items()))
+        report += [f"## Where an update's time goes ({name} config, torch.profiler)", "", *profile_updates(config, batch_size, args.device), ""]
     if "wrapper" in args.sections:
         envs = ["Pendulum-v1"] if args.smoke else ["cube-single-singletask-task1-v0", "Pendulum-v1"]
         report += ["## Chunk-wrapper overhead (random actions, primitive steps per second)", "", *bench_wrapper(envs, wrapper_steps, args.repeats), ""]
