@@ -79,7 +79,7 @@ class EnsembleLayerNorm(nn.Module):
         self.bias = nn.Parameter(th.zeros(n_members, 1, features))
 
     def forward(self, x: th.Tensor) -> th.Tensor:
-        return F.layer_norm(x, x.shape[-1:]) * self.weight + self.bias
+        return th.addcmul(self.bias, F.layer_norm(x, x.shape[-1:]), self.weight)  # one pass for the affine part
 
 
 class FlowVelocityField(nn.Module):
