@@ -313,7 +313,10 @@ def write_report(out: Path, args: argparse.Namespace) -> None:
 
     def cell(rates: dict[int, float]) -> str:
         values = list(rates.values())
-        return f"{np.mean(values):.2f} ± {np.std(values):.2f}" if values else "-"
+        if not values:
+            return "-"
+        successes = int(round(sum(values) * eval_episodes))  # pooled over seeds: successes / episodes
+        return f"{np.mean(values):.2f} ± {np.std(values):.2f} ({successes}/{len(values) * eval_episodes})"
 
     lines = [
         "# Offline-to-online learning: QC and baselines on OGBench cube tasks",
@@ -324,7 +327,8 @@ def write_report(out: Path, args: argparse.Namespace) -> None:
         "",
         "Config: " + ", ".join(f"{key}={value}" for key, value in config.items()),
         "",
-        f"## Final success rate (mean ± std over seeds; {eval_episodes} evaluation episodes per point)",
+        f"## Final success rate (mean ± std over seeds, and successes / episodes pooled over seeds; "
+        f"{eval_episodes} evaluation episodes per point)",
         "",
         "| env | method | after offline | after online | seeds |",
         "|---|---|---|---|---|",
