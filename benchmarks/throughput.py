@@ -45,6 +45,10 @@ from stable_baselines3.common.logger import configure
 from torch.utils.flop_counter import FlopCounterMode
 
 from sb3_qchunk import QC, ChunkedActionWrapper
+
+# Each compiled model is a new guard for the same code: without a higher limit, dynamo would silently fall back
+# to eager after 8 of them (and the later configs' "compile" rows would measure eager code).
+th._dynamo.config.recompile_limit = 64
 from sb3_qchunk.qc.policies import has_fast_bf16
 
 OBS_DIM, ACTION_DIM, CHUNK = 28, 5, 5

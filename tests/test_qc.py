@@ -12,7 +12,7 @@ from stable_baselines3.common.logger import configure
 from sb3_qchunk import QC, ChunkedActionWrapper
 from sb3_qchunk.common.evaluation import evaluate_success
 from sb3_qchunk.demo import RandomChunks
-from sb3_qchunk.qc.policies import aggregate_q, has_fast_bf16
+from sb3_qchunk.qc.policies import AUTO_BF16_MIN_BATCH, aggregate_q, has_fast_bf16
 from sb3_qchunk.qc.qc import chunked_critic_target, wrap_chunked
 
 # learning_starts is a multiple of the chunk sizes used below, so update counts are exact.
@@ -242,7 +242,7 @@ def targets_and_samples(model, data, precision):
         target = chunked_critic_target(data.rewards, data.masks, next_q, model.gamma, model.chunk_size)
         features = model.actor.extract_features(data.observations, model.actor.features_extractor)
         noise = th.randn(data.rewards.shape[0], 8, policy.chunk_dim, generator=th.Generator().manual_seed(2))
-        with policy.sampling_autocast():
+        with policy.sampling_autocast(len(noise)):
             flow = policy.flow_actions(features, noise).float()
     assert next_chunks.dtype == target.dtype == th.float32
     return target, next_chunks, flow
@@ -273,9 +273,9 @@ def test_bf16_sampling_agrees_with_float32(actor_type):
     assert float(same_pick) >= 0.8
 
 
-def autocast_dtype(policy):
-    """The dtype the policy's sampling context computes matmuls in."""
-    with policy.sampling_autocast():
+def autocast_dtype(policy, batch_size=256):
+    """The dtype the policy's sampling context computes matmuls in, for a batch of ``batch_size`` observations."""
+    with policy.sampling_autocast(batch_size):
         return th.get_autocast_dtype("cpu") if th.is_autocast_enabled("cpu") else th.float32
 
 
@@ -283,10 +283,11 @@ def test_sampling_precision_setting():
     model = small_qc(chunk_size=2)
     assert model.policy.sampling_precision == "auto"
     assert autocast_dtype(model.policy) == (th.bfloat16 if has_fast_bf16("cpu") else th.float32)
+    assert autocast_dtype(model.policy, batch_size=AUTO_BF16_MIN_BATCH - 1) == th.float32  # acting: casts cost more
     model.policy.sampling_precision = "float32"
     assert autocast_dtype(model.policy) == th.float32
     model.policy.sampling_precision = "bfloat16"
-    assert autocast_dtype(model.policy) == th.bfloat16
+    assert autocast_dtype(model.policy) == autocast_dtype(model.policy, batch_size=1) == th.bfloat16
     assert model.policy.sample_chunks(th.zeros(3, 3)).dtype == th.float32
     with pytest.raises(ValueError, match="sampling_precision must be one of"):
         small_qc(policy_kwargs=dict(net_arch=[16, 16], sampling_precision="fp8"))
