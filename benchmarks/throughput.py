@@ -201,7 +201,7 @@ def bench_updates(
     fast = has_fast_bf16(th.device(device).type)
     lines = [
         f"Measured matmul throughput (1024^3, best of 5 blocks): fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s; "
-        f"native bf16 on this device: {fast} (so `sampling_precision='auto'` = {'bf16' if fast else 'fp32'}).",
+        f"native bf16 on this device: {fast} (so `sampling_precision='auto'` = {'bf16' if fast else 'fp32'} for batches of >= 64 observations).",
         "",
         "| config | actor | sampling | QC updates/s | SAC updates/s | QC / SAC | reference / SAC | predict ms/chunk | "
         "start-up s | GFLOP/update | GFLOP/s | fraction of bound |",
