@@ -296,8 +296,9 @@ class QCPolicy(BasePolicy):
         losses and gradients stay float32), "float32", or "auto" = bfloat16 where the device has native bf16
         matmuls (:func:`has_fast_bf16`) and batches of at least ``AUTO_BF16_MIN_BATCH`` observations, float32 elsewhere
     :param compile_sampling: ``torch.compile`` the sampling path (best-of-N / one-step action choice and the
-        distillation target). Fuses its elementwise work: about 2.5x faster best-of-N sampling on a 2-core CPU,
-        for 15-25 s of compilation per batch shape at start-up (training batch, acting batch). Worth it for runs
+        distillation target). Fuses its elementwise work: best-of-N updates 1.4x (256x256, N=8) to 1.8x (4x512,
+        N=32) faster than eager bf16 on a 2-core CPU (``benchmarks/results/throughput.md``), for 10-21 s of
+        compilation at start-up (training batch, acting batch). Worth it for runs
         of more than a few minutes; compiled and eager paths draw different random numbers for the same seed
     :param critic_layer_norm: LayerNorm in the critics
     :param actor_layer_norm: LayerNorm in the actors
