@@ -36,8 +36,9 @@ def has_fast_bf16(device_type: str) -> bool:
     """
     if device_type == "cuda":
         return th.cuda.is_available() and th.cuda.is_bf16_supported()
-    if device_type == "cpu":
-        return th.cpu._is_avx512_bf16_supported() or th.cpu._is_amx_tile_supported()
+    if device_type == "cpu":  # private probes of torch.cpu (torch >= 2.3); absent ones count as "no"
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(th.cpu, probe, lambda: False)() for probe in probes)
     return False
 
 
