@@ -52,7 +52,7 @@ from stable_baselines3.common.logger import configure
 
 from sb3_qchunk import QC
 from sb3_qchunk.common.evaluation import evaluate_success
-from sb3_qchunk.datasets import generate_ogbench_dataset, load_ogbench_npz
+from sb3_qchunk.datasets import cached_play_dataset, load_ogbench_npz
 from sb3_qchunk.qc.qc import wrap_chunked
 
 METHODS: dict[str, dict[str, Any]] = {
@@ -136,11 +136,7 @@ def git_commit() -> str:
 def dataset_path(args: argparse.Namespace, env: str) -> Path:
     """The cached play dataset of ``env`` (same naming as ``sb3_qchunk.demo``), generated if missing."""
     path = Path(args.data_dir) / f"{env}-play-{args.dataset_size}-seed0.npz"
-    if not path.exists():
-        print(f"Generating {args.dataset_size} transitions of {env} play data into {path}", flush=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        generate_ogbench_dataset(env, args.dataset_size, seed=0, out=path, progress_bar=False)
-    return path
+    return cached_play_dataset(path, env, args.dataset_size, seed=0, progress_bar=False)
 
 
 def run_one(job: tuple[argparse.Namespace, str, str, int, Path]) -> list[dict[str, Any]]:

@@ -23,6 +23,7 @@ Command line (generation of a dataset in the official OGBench npz layout)::
 import argparse
 import math
 import os
+import pathlib
 import re
 import time
 from collections.abc import Mapping
@@ -712,6 +713,27 @@ def generate_ogbench_dataset(
         np.savez_compressed(out, **dataset)
         print(f"Saved to {out}")
     return dataset
+
+
+def cached_play_dataset(
+    path: str | os.PathLike, env_name: str, size: int, seed: int = 0, progress_bar: bool = True
+) -> pathlib.Path:
+    """
+    ``path`` if it exists, else a play dataset generated there with :func:`generate_ogbench_dataset` (a cache
+    for scripts that need the same data run after run).
+
+    :param path: the ``.npz`` file
+    :param env_name: OGBench env family, e.g. ``'cube-single'``
+    :param size: transitions to generate if the file is missing
+    :param seed: generation seed
+    :param progress_bar: show the generation's progress bar
+    :return: the path
+    """
+    path = pathlib.Path(path)
+    if not path.exists():
+        print(f"Generating {size} transitions of {env_name} play data into {path}", flush=True)
+        generate_ogbench_dataset(env_name, size, seed=seed, out=path, progress_bar=progress_bar)
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:

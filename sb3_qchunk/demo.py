@@ -26,7 +26,7 @@ from stable_baselines3.common.logger import configure
 
 from sb3_qchunk import QC
 from sb3_qchunk.common.evaluation import evaluate_success
-from sb3_qchunk.datasets import generate_ogbench_dataset, load_ogbench_npz
+from sb3_qchunk.datasets import cached_play_dataset, load_ogbench_npz
 from sb3_qchunk.qc.qc import wrap_chunked
 
 
@@ -71,10 +71,7 @@ def main() -> None:
     dataset_path = Path(args.data_dir) / f"{args.env}-play-{args.dataset_size}-seed{args.seed}.npz"
     if dataset_path.exists():
         console.print(f"Using the cached dataset {dataset_path}")
-    else:
-        console.print(f"Generating {args.dataset_size} transitions of {args.env} play data with OGBench's oracles")
-        dataset_path.parent.mkdir(parents=True, exist_ok=True)
-        generate_ogbench_dataset(args.env, args.dataset_size, seed=args.seed, out=dataset_path)
+    cached_play_dataset(dataset_path, args.env, args.dataset_size, seed=args.seed)
     dataset = load_ogbench_npz(dataset_path, task_id=args.task, env=env_id)
     console.print(
         f"{len(dataset['rewards'])} transitions, {int(dataset['terminals'].sum())} episodes, "

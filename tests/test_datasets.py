@@ -8,6 +8,7 @@ import pytest
 from gymnasium import spaces
 
 from sb3_qchunk.datasets import (
+    cached_play_dataset,
     generate_ogbench_dataset,
     load_dataset,
     load_minari,
@@ -443,3 +444,14 @@ def test_validation_against_spaces():
         validate_dataset(data, action_space=spaces.Discrete(3))
     for key in ["observations", "rewards", "terminals", "terminated", "next_observations"]:
         np.testing.assert_array_equal(data[key], before[key])  # validation never changes anything
+
+
+def test_cached_play_dataset_generates_once(tmp_path):
+    path = tmp_path / "sub" / "cube-single-play.npz"
+    assert cached_play_dataset(path, "cube-single", 100, seed=1, progress_bar=False) == path
+    with np.load(path) as file:
+        first = file["actions"].copy()
+    assert len(first) == 1001  # one whole episode of 1000 transitions
+    stamp = path.stat().st_mtime_ns
+    assert cached_play_dataset(path, "cube-single", 5000, seed=2, progress_bar=False) == path  # cached: not regenerated
+    assert path.stat().st_mtime_ns == stamp
