@@ -24,6 +24,7 @@ slower moment of the machine does not favour one of them.
 
 import argparse
 import datetime
+import multiprocessing
 import os
 import platform
 import shlex
@@ -33,6 +34,7 @@ import tempfile
 import time
 import tracemalloc
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -105,8 +107,9 @@ def fill_sac_buffer(model: SAC, n: int, rng: np.random.Generator) -> None:
 
 
 def make_qc(
-    actor_type: str, net_arch: list[int], num_samples: int, batch_size: int, precision: str, device: str, compile_sampling: bool = False
+    actor_type: str, net_arch: list[int], num_samples: int, batch_size: int, precision: str, device: str, compiled: bool = False
 ) -> QC:
+    """A QC model on :class:`SyntheticEnv` with 10k synthetic transitions; ``compiled``: compile_update and compile_sampling."""
     th.manual_seed(0)
     model = QC(
         "MlpPolicy",
@@ -117,7 +120,8 @@ def make_qc(
         flow_steps=10,
         batch_size=batch_size,
         buffer_size=20_000,
-        policy_kwargs=dict(net_arch=net_arch, sampling_precision=precision, compile_sampling=compile_sampling),
+        compile_update=compiled,
+        policy_kwargs=dict(net_arch=net_arch, sampling_precision=precision, compile_sampling=compiled),
         seed=0,
         device=device,
     )
@@ -195,53 +199,73 @@ def bench_updates(
     """
     Section 1 and 2: updates/s, ratios to SAC, predict latency, start-up time (compilation), FLOPs and the
     fraction of the matmul bound, for the plain path, the fast path and (``with_compile``) the compiled fast path.
+    Each config runs in a fresh process, so that compiled code of one config never stands in the way of the next
+    (dynamo's caches and recompile limits are per process).
     """
     peak32 = matmul_peak(th.float32, device)
     peak16 = matmul_peak(th.bfloat16, device)
     fast = has_fast_bf16(th.device(device).type)
     lines = [
         f"Measured matmul throughput (1024^3, best of 5 blocks): fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s; "
-        f"native bf16 on this device: {fast} (so `sampling_precision='auto'` = {'bf16' if fast else 'fp32'} for batches of >= 64 observations).",
+        f"native bf16 on this device: {fast} (so `sampling_precision='auto'` = {'bf16' if fast else 'fp32'} for batches of >= 64 observations). "
+        "`compile`: `compile_update=True` (the whole loss, forward and backward, one graph) and `compile_sampling=True` (acting).",
         "",
-        "| config | actor | sampling | QC updates/s | SAC updates/s | QC / SAC | reference / SAC | predict ms/chunk | "
+        "| config | actor | path | QC updates/s | SAC updates/s | QC / SAC | reference / SAC | predict ms/chunk | "
         "start-up s | GFLOP/update | GFLOP/s | fraction of bound |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     goals: list[str] = []
-    variants = [("float32", False), ("auto", False)] + [("auto", True)] * with_compile  # (precision, compile)
+    context = multiprocessing.get_context("spawn")
     for name, config in configs.items():
-        sac = make_sac(config["net_arch"], batch_size, device)
-        models, startup = {}, {}
-        for actor in ("best_of_n", "distill"):
-            for precision, compiled in variants:
-                model = make_qc(actor, config["net_arch"], config["num_samples"], batch_size, precision, device, compiled)
-                start = time.perf_counter()  # the first update and the first action choice: compilation, if any
-                model.train(1, batch_size)
-                model.predict(np.zeros(OBS_DIM, dtype=np.float32))
-                models[actor, precision, compiled], startup[actor, precision, compiled] = model, time.perf_counter() - start
-        jobs: dict[str, tuple[Callable[[int], Any], int]] = {"sac": (lambda n, m=sac: m.train(n, batch_size), config["sac_updates"])}
-        for key, model in models.items():
-            jobs[str(key)] = (lambda n, m=model: m.train(n, batch_size), config["n_updates"])
-        rates = interleaved_rates(jobs, repeats)
-        sac_rate = rates["sac"]
-        for (actor, precision, compiled), model in models.items():
-            rate = rates[str((actor, precision, compiled))]
-            latency = predict_ms(model, 20)
-            flops, sampling_flops = update_flops(model)
-            sampling_peak = peak16 if precision == "auto" and fast else peak32
-            bound_s = (flops - sampling_flops) / (peak32 * 1e9) + sampling_flops / (sampling_peak * 1e9)
-            reference = REFERENCE.get(name, (None, None))[actor == "distill"]
-            ref_ratio = f"{reference / REFERENCE_SAC_SMALL:.2f}" if reference is not None and name == "small" else "-"
-            label = "fp32" if precision == "float32" else ("auto: bf16" if fast else "auto: fp32")
-            label += " + compile" if compiled else ""
-            lines.append(
-                f"| {name} | {actor} | {label} | {rate:.2f} | {sac_rate:.1f} | {rate / sac_rate:.2f} | {ref_ratio} | "
-                f"{latency:.2f} | {startup[actor, precision, compiled]:.1f} | {flops / 1e9:.2f} | {flops * rate / 1e9:.0f} | "
-                f"{bound_s * rate:.2f} |"
-            )
-            print(lines[-1], flush=True)
-            if precision == "auto":
-                goals += goal_lines(name, actor, label, rate, sac_rate, latency)
+        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+            rows, config_goals = pool.submit(bench_config, name, config, batch_size, repeats, device, with_compile, peak32, peak16).result()
+        lines += rows
+        goals += config_goals
+    return lines, goals
+
+
+def bench_config(
+    name: str, config: dict[str, Any], batch_size: int, repeats: int, device: str, with_compile: bool, peak32: float, peak16: float
+) -> tuple[list[str], list[str]]:
+    """The table rows and goal lines of one config (see :func:`bench_updates`)."""
+    fast = has_fast_bf16(th.device(device).type)
+    lines: list[str] = []
+    goals: list[str] = []
+    variants = [("float32", False), ("auto", False)] + [("auto", True)] * with_compile  # (precision, compile)
+    sac = make_sac(config["net_arch"], batch_size, device)
+    models, startup = {}, {}
+    for actor in ("best_of_n", "distill"):
+        for precision, compiled in variants:
+            model = make_qc(actor, config["net_arch"], config["num_samples"], batch_size, precision, device, compiled)
+            start = time.perf_counter()  # the first update and the first action choice: compilation, if any
+            model.train(1, batch_size)
+            model.predict(np.zeros(OBS_DIM, dtype=np.float32))
+            models[actor, precision, compiled], startup[actor, precision, compiled] = model, time.perf_counter() - start
+    jobs: dict[str, tuple[Callable[[int], Any], int]] = {"sac": (lambda n, m=sac: m.train(n, batch_size), config["sac_updates"])}
+    for key, model in models.items():
+        jobs[str(key)] = (lambda n, m=model: m.train(n, batch_size), config["n_updates"])
+    rates = interleaved_rates(jobs, repeats)
+    sac_rate = rates["sac"]
+    # The same FLOPs on every path: counted on the eager float32 model (a counting mode would recompile compiled code).
+    counted = {actor: update_flops(models[actor, "float32", False]) for actor in ("best_of_n", "distill")}
+    for (actor, precision, compiled), model in models.items():
+        rate = rates[str((actor, precision, compiled))]
+        latency = predict_ms(model, 20)
+        flops, sampling_flops = counted[actor]
+        sampling_peak = peak16 if precision == "auto" and fast else peak32
+        bound_s = (flops - sampling_flops) / (peak32 * 1e9) + sampling_flops / (sampling_peak * 1e9)
+        reference = REFERENCE.get(name, (None, None))[actor == "distill"]
+        ref_ratio = f"{reference / REFERENCE_SAC_SMALL:.2f}" if reference is not None and name == "small" else "-"
+        label = "fp32" if precision == "float32" else ("auto: bf16" if fast else "auto: fp32")
+        label += " + compile" if compiled else ""
+        lines.append(
+            f"| {name} | {actor} | {label} | {rate:.2f} | {sac_rate:.1f} | {rate / sac_rate:.2f} | {ref_ratio} | "
+            f"{latency:.2f} | {startup[actor, precision, compiled]:.1f} | {flops / 1e9:.2f} | {flops * rate / 1e9:.0f} | "
+            f"{bound_s * rate:.2f} |"
+        )
+        print(lines[-1], flush=True)
+        if precision == "auto":
+            goals += goal_lines(name, actor, label, rate, sac_rate, latency)
     return lines, goals
 
 
@@ -267,15 +291,15 @@ def profile_updates(config: dict[str, Any], batch_size: int, device: str, n_upda
 
     lines = []
     for actor in ("best_of_n", "distill"):
-        for precision in ("float32", "auto"):
-            model = make_qc(actor, config["net_arch"], config["num_samples"], batch_size, precision, device)
+        for precision, compiled in (("float32", False), ("auto", False), ("auto", True)):
+            model = make_qc(actor, config["net_arch"], config["num_samples"], batch_size, precision, device, compiled)
             model.train(2, batch_size)
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 model.train(n_updates, batch_size)
             events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
             total_ms = sum(e.self_cpu_time_total for e in events) / 1000 / n_updates
             top = ", ".join(f"{e.key} {e.self_cpu_time_total / 1000 / n_updates:.2f}" for e in events[:rows])
-            lines.append(f"- {actor}, sampling {precision}: {total_ms:.1f} ms of CPU self time per update (profiled); "
+            lines.append(f"- {actor}, sampling {precision}{' + compile' if compiled else ''}: {total_ms:.1f} ms of CPU self time per update (profiled); "
                          f"top ops, ms per update: {top}")
             print(lines[-1], flush=True)
     return lines

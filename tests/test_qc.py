@@ -1,3 +1,4 @@
+import copy
 import csv
 
 import gymnasium as gym
@@ -142,9 +143,11 @@ def test_learn_counts_primitive_steps(tmp_path):
     assert [info["l"] for info in model.ep_info_buffer] == [7, 7, 7]
 
 
-def test_save_load_predicts_the_same_chunk_and_resumes(tmp_path):
-    model = small_qc(chunk_size=3, actor_type="distill")
+@pytest.mark.parametrize("compile_update", [False, True])
+def test_save_load_predicts_the_same_chunk_and_resumes(tmp_path, compile_update):
+    model = small_qc(chunk_size=3, actor_type="distill", compile_update=compile_update)
     model.learn(81)
+    assert (model._compiled_losses is not None) == compile_update
     model.save(tmp_path / "qc.zip")
     model.save_replay_buffer(tmp_path / "buffer.pkl")
     obs = np.array([0.5, -0.5, 0.1], dtype=np.float32)
@@ -153,6 +156,7 @@ def test_save_load_predicts_the_same_chunk_and_resumes(tmp_path):
 
     loaded = QC.load(tmp_path / "qc.zip", env=gym.make("Pendulum-v1"))
     assert loaded.chunk_size == 3 and loaded.actor_type == "distill" and loaded.env.get_attr("chunk_size") == [3]
+    assert loaded.compile_update == compile_update and loaded._compiled_losses is None  # compiled again on first use
     th.manual_seed(7)
     np.testing.assert_allclose(loaded.predict(obs)[0], expected, rtol=1e-6)
     for (name, p1), p2 in zip(model.policy.state_dict().items(), loaded.policy.state_dict().values()):
@@ -293,15 +297,71 @@ def test_sampling_precision_setting():
         small_qc(policy_kwargs=dict(net_arch=[16, 16], sampling_precision="fp8"))
 
 
-def test_compiled_sampling_matches_eager():
-    """torch.compile'd sampling computes what the eager code does (float32 here, so up to rounding)."""
-    eager = small_qc(chunk_size=3, actor_type="distill", policy_kwargs=dict(net_arch=[16, 16], sampling_precision="float32"))
-    compiled = small_qc(chunk_size=3, actor_type="distill",
-                        policy_kwargs=dict(net_arch=[16, 16], sampling_precision="float32", compile_sampling=True))  # fmt: skip
+@pytest.mark.parametrize("actor_type", ["best_of_n", "distill"])
+def test_compiled_sampling_matches_eager(actor_type):
+    """torch.compile'd sampling computes what the eager code does (float32 here, so up to rounding): the noise is
+    drawn eagerly in both, so the same seed gives the same chunks."""
+    kwargs = dict(chunk_size=3, actor_type=actor_type)
+    eager = small_qc(**kwargs, policy_kwargs=dict(net_arch=[16, 16], sampling_precision="float32"))
+    compiled = small_qc(**kwargs, policy_kwargs=dict(net_arch=[16, 16], sampling_precision="float32", compile_sampling=True))
     compiled.policy.load_state_dict(eager.policy.state_dict())
-    features, noise = th.randn(32, 3), th.randn(32, 3)
-    expected = eager.policy.distill_target(features, noise)
-    np.testing.assert_allclose(compiled.policy.distill_target(features, noise).numpy(), expected.numpy(), atol=1e-5)
-    assert set(compiled.policy._compiled) == {"flow_actions"} and not eager.policy._compiled
-    chunks = compiled.policy.sample_chunks(th.randn(5, 3))
+    obs = th.randn(5, 3)
+    th.manual_seed(7)
+    expected = eager.policy.sample_chunks(obs)
+    th.manual_seed(7)
+    chunks = compiled.policy.sample_chunks(obs)
+    assert set(compiled.policy._compiled) == {"sample_chunks"} and not eager.policy._compiled
     assert chunks.shape == (5, 3) and chunks.dtype == th.float32 and float(chunks.abs().max()) <= 1.0
+    np.testing.assert_allclose(chunks.numpy(), expected.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("actor_type", ["best_of_n", "distill"])
+def test_compiled_update_matches_eager(actor_type):
+    """compile_update=True runs the same update as the eager code: same statistics, same weights after two steps."""
+    kwargs = dict(chunk_size=3, actor_type=actor_type, policy_kwargs=dict(net_arch=[16, 16], sampling_precision="float32"))
+    eager = small_qc(**kwargs)
+    eager.learn(60)
+    compiled = small_qc(**kwargs, compile_update=True)
+    compiled.policy.load_state_dict(eager.policy.state_dict())
+    # (deep copies: load_state_dict would share the moment tensors between the two optimizers)
+    compiled.actor.optimizer.load_state_dict(copy.deepcopy(eager.actor.optimizer.state_dict()))
+    compiled.critic.optimizer.load_state_dict(copy.deepcopy(eager.critic.optimizer.state_dict()))
+    data = eager.replay_buffer.sample(16)
+    for _ in range(2):
+        th.manual_seed(3)
+        expected = eager._train_step(data)
+        th.manual_seed(3)
+        stats = compiled._train_step(data)
+        for key in QC.STATS:
+            assert float(stats[key]) == pytest.approx(float(expected[key]), rel=1e-4, abs=1e-5), key
+    assert compiled._compiled_losses is not None and eager._compiled_losses is None
+    for name, param in eager.policy.state_dict().items():
+        np.testing.assert_allclose(compiled.policy.state_dict()[name].numpy(), param.numpy(), atol=1e-5, err_msg=name)
+
+
+def test_actor_q_term_does_not_train_the_critic():
+    """In QC-FQL's summed loss the critic's gradient is that of the critic loss alone (its weights enter the actor's
+    Q term detached), and the actor's gradient includes the Q term."""
+    model = small_qc(chunk_size=2, actor_type="distill", alpha=1.0, policy_kwargs=dict(net_arch=[16, 16], sampling_precision="float32"))
+    model.learn(40)
+    data = model.replay_buffer.sample(16)
+    noise = model._update_noise(16)
+    args = (data.observations, data.next_observations, data.actions.flatten(1), data.rewards, data.masks, data.valid, *noise, False)
+    loss, stats = model._losses(*args)
+    critic_grads = th.autograd.grad(loss, list(model.critic.parameters()), retain_graph=True)
+    actor_grads = th.autograd.grad(loss, list(model.actor.onestep.parameters()))
+    with th.no_grad():
+        next_chunks = model.policy.sample_chunks_from_noise(data.next_observations, noise[0])
+        next_q = model.critic_target(data.next_observations, next_chunks).mean(dim=0)
+        target = data.rewards + model.gamma**2 * data.masks * next_q
+    critic_loss = ((model.critic(data.observations, data.actions.flatten(1)) - target) ** 2 * data.valid[:, -1]).mean()
+    assert float(critic_loss) == pytest.approx(float(stats[0]), rel=1e-5)
+    for got, want in zip(critic_grads, th.autograd.grad(critic_loss, list(model.critic.parameters()))):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-7)
+    # Without the Q term (a critic that is 0 everywhere) the one-step actor's gradient would be another one.
+    with th.no_grad():
+        model.critic.body[-1].weight.zero_()
+        model.critic.body[-1].bias.zero_()
+    loss_without_q, _ = model._losses(*args)
+    actor_grads_without_q = th.autograd.grad(loss_without_q, list(model.actor.onestep.parameters()))
+    assert any(not th.allclose(a, b) for a, b in zip(actor_grads, actor_grads_without_q))

@@ -296,18 +296,18 @@ class QCPolicy(BasePolicy):
         candidate chunks, their critic scores, the distillation target): "bfloat16" (autocast; master weights,
         losses and gradients stay float32), "float32", or "auto" = bfloat16 where the device has native bf16
         matmuls (:func:`has_fast_bf16`) and batches of at least ``AUTO_BF16_MIN_BATCH`` observations, float32 elsewhere
-    :param compile_sampling: ``torch.compile`` the sampling path (best-of-N / one-step action choice and the
-        distillation target). Fuses its elementwise work: best-of-N updates 1.4x (256x256, N=8) to 1.8x (4x512,
-        N=32) faster than eager bf16 on a 2-core CPU (``benchmarks/results/throughput.md``), for 10-21 s of
-        compilation at start-up (training batch, acting batch). Worth it for runs
-        of more than a few minutes; compiled and eager paths draw different random numbers for the same seed
+    :param compile_sampling: ``torch.compile`` :meth:`sample_chunks`, the action choice (``predict``; best-of-N
+        chunk choice about 2x faster on a 2-core CPU, ``benchmarks/results/throughput.md``), for a few seconds of
+        compilation at the first call. The update's sampling is compiled with the rest of the update by the
+        algorithm's ``compile_update``. Compiled and eager code draw the same noise, so they agree for a seed
     :param critic_layer_norm: LayerNorm in the critics
     :param actor_layer_norm: LayerNorm in the actors
     :param features_extractor_class: features extractor class
     :param features_extractor_kwargs: its keyword arguments
     :param normalize_images: whether to divide images by 255
     :param optimizer_class: optimizer class
-    :param optimizer_kwargs: its keyword arguments (besides the learning rate)
+    :param optimizer_kwargs: its keyword arguments (besides the learning rate); None gives Adam and AdamW
+        ``fused=True`` (one kernel for all parameters)
     """
 
     actor: FlowActor
@@ -336,6 +336,8 @@ class QCPolicy(BasePolicy):
         optimizer_class: type[th.optim.Optimizer] = th.optim.Adam,
         optimizer_kwargs: dict[str, Any] | None = None,
     ) -> None:
+        if optimizer_kwargs is None and optimizer_class in (th.optim.Adam, th.optim.AdamW):
+            optimizer_kwargs = dict(fused=True)
         super().__init__(
             observation_space,
             action_space,
@@ -374,6 +376,7 @@ class QCPolicy(BasePolicy):
         self.compile_sampling = compile_sampling
         self.critic_layer_norm = critic_layer_norm
         self.actor_layer_norm = actor_layer_norm
+        self.chunk_dim = get_action_dim(action_space)  # size of the flattened chunk (a plain int: no numpy when compiled)
         self._build(lr_schedule)
         self._compiled: dict[str, Callable[..., th.Tensor]] = {}  # torch.compile'd sampling, built on first use
 
@@ -447,25 +450,22 @@ class QCPolicy(BasePolicy):
         )
         return data
 
-    @property
-    def chunk_dim(self) -> int:
-        """Size of the flattened chunk the networks work on."""
-        return get_action_dim(self.action_space)
-
-    def sampling_autocast(self, batch_size: int) -> th.autocast:
+    def sampling_bf16(self, batch_size: int) -> bool:
         """
-        The autocast context of the no-gradient sampling path: bfloat16 when ``sampling_precision`` says so
-        (or is "auto" on a device with native bf16), disabled otherwise. Results are cast back to float32 by
-        the callers, so the gradient path never sees bf16 tensors. "auto" uses bf16 for batches of at least
-        ``AUTO_BF16_MIN_BATCH`` observations (the critic target, the distillation target), not when acting in a few envs.
+        Whether the no-gradient sampling path runs in bfloat16 autocast: when ``sampling_precision`` says so, or it
+        is "auto", the device has native bf16 and the batch has at least ``AUTO_BF16_MIN_BATCH`` observations (the
+        critic target, the distillation target; not acting in a few envs). Results are cast back to float32 by the
+        callers, so the gradient path never sees bf16 tensors.
 
         :param batch_size: number of observations the sampling is for
         """
         if self.sampling_precision == "auto":
-            enabled = has_fast_bf16(self.device.type) and batch_size >= AUTO_BF16_MIN_BATCH
-        else:
-            enabled = self.sampling_precision == "bfloat16"
-        return th.autocast(self.device.type, dtype=th.bfloat16, enabled=enabled)
+            return has_fast_bf16(self.device.type) and batch_size >= AUTO_BF16_MIN_BATCH
+        return self.sampling_precision == "bfloat16"
+
+    def sampling_autocast(self, batch_size: int) -> th.autocast:
+        """The autocast context of the no-gradient sampling path (see :meth:`sampling_bf16`)."""
+        return th.autocast(self.device.type, dtype=th.bfloat16, enabled=self.sampling_bf16(batch_size))
 
     def flow_actions(self, actor_features: th.Tensor, noise: th.Tensor) -> th.Tensor:
         """Chunks from the BC flow for the given noise, (B, D) or (B, N, D)."""
@@ -479,18 +479,28 @@ class QCPolicy(BasePolicy):
         assert self.actor.onestep is not None, "The one-step actor exists only for actor_type='distill'"
         return self.actor.onestep(th.cat([actor_features, noise], dim=-1))
 
-    def best_of_n(self, actor_features: th.Tensor, critic_features: th.Tensor, critic: EnsembleCritic) -> th.Tensor:
+    def best_of_n(
+        self, actor_features: th.Tensor, critic_features: th.Tensor, critic: EnsembleCritic, noise: th.Tensor
+    ) -> th.Tensor:
         """
-        Draw ``num_samples`` chunks per observation from the flow and keep the one ``critic`` values most.
+        Turn ``num_samples`` noise draws per observation into flow chunks and keep the one ``critic`` values most.
 
+        :param noise: (B, N, D) standard normal noise, N = ``num_samples``
         :return: (B, D) chunks in [-1, 1]
         """
-        batch_size = actor_features.shape[0]
-        noise = th.randn(batch_size, self.num_samples, self.chunk_dim, device=actor_features.device)
         candidates = self.flow_actions(actor_features, noise)  # (B, N, D)
         q_values = aggregate_q(critic.q_from_features(critic_features, candidates), self.q_aggregation)  # (B, N)
         best = q_values.argmax(dim=1)
-        return candidates[th.arange(batch_size, device=candidates.device), best]
+        return candidates[th.arange(candidates.shape[0], device=candidates.device), best]
+
+    def sampling_noise(self, batch_size: int) -> th.Tensor:
+        """
+        The noise :meth:`sample_chunks_from_noise` turns into chunks: (B, N, D) for best-of-N, (B, D) for the
+        one-step actor. Drawn eagerly, outside any compiled code (inductor's CPU randn is ~9x slower than eager's,
+        and a compiled and an eager run then see the same numbers for the same seed).
+        """
+        shape = (batch_size, self.num_samples, self.chunk_dim) if self.actor_type == "best_of_n" else (batch_size, self.chunk_dim)
+        return th.randn(shape, device=self.device)
 
     def _sampling_fn(self, name: str, fn: Callable[..., th.Tensor]) -> Callable[..., th.Tensor]:
         """``fn`` itself, or its ``torch.compile``'d version when ``compile_sampling`` is set."""
@@ -500,38 +510,30 @@ class QCPolicy(BasePolicy):
             self._compiled[name] = th.compile(fn)
         return self._compiled[name]
 
-    def _sample_chunks(self, obs: PyTorchObs) -> th.Tensor:
+    def sample_chunks_from_noise(self, obs: PyTorchObs, noise: th.Tensor) -> th.Tensor:
+        """
+        The agent's chunks for ``noise`` (see :meth:`sampling_noise`), in [-1, 1], in the current autocast
+        precision and with whatever gradient mode the caller set: the building block of :meth:`sample_chunks` and
+        of the critic target, where it runs inside the (compiled) loss.
+        """
         actor_features = self.actor.extract_features(obs, self.actor.features_extractor)
         if self.actor_type == "distill":
-            noise = th.randn(actor_features.shape[0], self.chunk_dim, device=actor_features.device)
             return self.onestep_actions(actor_features, noise).clamp(-1.0, 1.0)
         critic_features = self.critic.extract_features(obs, self.critic.features_extractor)
-        return self.best_of_n(actor_features, critic_features, self.critic)
+        return self.best_of_n(actor_features, critic_features, self.critic, noise)
 
     @th.no_grad()
     def sample_chunks(self, obs: PyTorchObs) -> th.Tensor:
         """
-        The chunks the agent acts with (and bootstraps with in the critic target), in [-1, 1].
+        The chunks the agent acts with, in [-1, 1].
 
         :param obs: a batch of (preprocessed by SB3's ``obs_to_tensor``) observations
         :return: (B, D) float32 chunks
         """
         batch_size = len(next(iter(obs.values())) if isinstance(obs, dict) else obs)
+        noise = self.sampling_noise(batch_size)
         with self.sampling_autocast(batch_size):
-            chunks = self._sampling_fn("sample_chunks", self._sample_chunks)(obs)
-        return chunks.float()
-
-    @th.no_grad()
-    def distill_target(self, actor_features: th.Tensor, noise: th.Tensor) -> th.Tensor:
-        """
-        The BC flow's chunks for ``noise``: the target the one-step actor is distilled towards (no gradient).
-
-        :param actor_features: (B, features_dim) actor features
-        :param noise: (B, D) the noise the one-step actor also gets
-        :return: (B, D) float32 chunks
-        """
-        with self.sampling_autocast(len(noise)):
-            chunks = self._sampling_fn("flow_actions", self.flow_actions)(actor_features, noise)
+            chunks = self._sampling_fn("sample_chunks", self.sample_chunks_from_noise)(obs, noise)
         return chunks.float()
 
     def forward(self, obs: PyTorchObs, deterministic: bool = False) -> th.Tensor:

@@ -1,6 +1,7 @@
+import functools
 import io
 import pathlib
-from collections import defaultdict
+from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
 import gymnasium as gym
@@ -17,7 +18,7 @@ from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.save_util import load_from_pkl, load_from_zip_file
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, RolloutReturn, Schedule, TrainFreq
-from stable_baselines3.common.utils import polyak_update, should_collect_more_steps
+from stable_baselines3.common.utils import should_collect_more_steps
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize, unwrap_vec_wrapper
 from tqdm.auto import tqdm
 
@@ -148,6 +149,10 @@ class QC(OffPolicyAlgorithm):
     :param n_critics: size K of the critic ensemble
     :param q_aggregation: "mean" (paper default) or "min" over the critic ensemble
     :param action_chunking: False for the n-step ablations (BFN-n / FQL-n)
+    :param compile_update: ``torch.compile`` the losses of each gradient update (critic target with its
+        sampling, both losses, forward and backward) into one graph. On a 2-core CPU: QC-FQL updates XX faster,
+        best-of-N XX, for XX s of compilation at the first update (``benchmarks/results/throughput.md``).
+        Compiled and eager updates agree to float rounding (they draw the same random numbers)
     :param learning_rate: learning rate for Adam, constant or a function of the remaining progress
     :param buffer_size: size of the (online) replay buffer, in primitive transitions
     :param learning_starts: primitive steps to collect before learning starts (random actions before that,
@@ -184,6 +189,8 @@ class QC(OffPolicyAlgorithm):
     critic: EnsembleCritic
     critic_target: EnsembleCritic
     replay_buffer: ChunkReplayBuffer  # type: ignore[assignment]
+    # The statistics :meth:`_losses` returns, in order (logged as ``train/<name>``).
+    STATS: ClassVar[tuple[str, ...]] = ("critic_loss", "actor_loss", "bc_flow_loss", "distill_loss", "q_mean", "q_max", "q_min")
 
     def __init__(
         self,
@@ -197,6 +204,7 @@ class QC(OffPolicyAlgorithm):
         n_critics: int = 2,
         q_aggregation: str = "mean",
         action_chunking: bool = True,
+        compile_update: bool = False,
         learning_rate: float | Schedule = 3e-4,
         buffer_size: int = 1_000_000,
         learning_starts: int = 5000,
@@ -229,6 +237,8 @@ class QC(OffPolicyAlgorithm):
             raise ValueError(f"QC counts train_freq in primitive steps only, got {train_freq}")
         self.chunk_size = int(chunk_size)
         self.action_chunking = action_chunking
+        self.compile_update = compile_update
+        self._compiled_losses: Callable[..., tuple[th.Tensor, th.Tensor]] | None = None
         if _init_setup_model:
             # (``load`` wraps the env itself, with the saved chunk size, before it builds the model.)
             env = wrap_chunked(env, self.env_chunk_size, gamma)
@@ -315,6 +325,8 @@ class QC(OffPolicyAlgorithm):
         self.actor = self.policy.actor
         self.critic = self.policy.critic
         self.critic_target = self.policy.critic_target
+        self._online_params = list(self.critic.parameters())
+        self._target_params = list(self.critic_target.parameters())
 
     def scale_primitive_action(self, actions: np.ndarray) -> np.ndarray:
         """Rescale primitive actions from the env's bounds to [-1, 1] (what the buffer stores)."""
@@ -397,16 +409,11 @@ class QC(OffPolicyAlgorithm):
             return
         self.policy.set_training_mode(True)
         self._update_learning_rate([self.actor.optimizer, self.critic.optimizer])
-        stats: dict[str, list[th.Tensor]] = defaultdict(list)
-        for _ in range(gradient_steps):
-            replay_data = self.replay_buffer.sample(batch_size)
-            for key, value in self._train_step(replay_data).items():
-                stats[key].append(value)
+        stats = [self._update(self.replay_buffer.sample(batch_size)) for _ in range(gradient_steps)]
         self._n_updates += gradient_steps
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
         # One host sync per train() call, not per gradient step.
-        means = th.stack([th.stack(values).mean() for values in stats.values()]).cpu().numpy()
-        for key, value in zip(stats.keys(), means):
+        for key, value in zip(self.STATS, th.stack(stats).mean(dim=0).cpu().numpy()):
             self.logger.record(f"train/{key}", float(value))
 
     def _chunks(self, replay_data: ChunkReplayBufferSamples) -> th.Tensor:
@@ -415,61 +422,123 @@ class QC(OffPolicyAlgorithm):
             return replay_data.actions.flatten(1)
         return replay_data.actions[:, 0]
 
-    def _train_step(self, replay_data: ChunkReplayBufferSamples) -> dict[str, th.Tensor]:
-        chunks = self._chunks(replay_data)
-        valid = replay_data.valid
+    def _update_noise(self, batch_size: int) -> tuple[th.Tensor, th.Tensor, th.Tensor, th.Tensor]:
+        """
+        All the randomness of one update, drawn eagerly so that the compiled and the eager loss see the same
+        numbers (and inductor's slow CPU randn stays out of the graph): the critic target's sampling noise, the
+        flow-matching noise x0 and times t, and the distillation noise.
+        """
+        chunk_dim = self.policy.chunk_dim
+        target_noise = self.policy.sampling_noise(batch_size)
+        x0 = th.randn(batch_size, chunk_dim, device=self.device)
+        t = th.rand(batch_size, 1, device=self.device)
+        return target_noise, x0, t, th.randn(batch_size, chunk_dim, device=self.device)
 
+    def _losses(
+        self,
+        observations: th.Tensor,
+        next_observations: th.Tensor,
+        chunks: th.Tensor,
+        rewards: th.Tensor,
+        masks: th.Tensor,
+        valid: th.Tensor,
+        target_noise: th.Tensor,
+        x0: th.Tensor,
+        t: th.Tensor,
+        distill_noise: th.Tensor,
+        sampling_bf16: bool,
+    ) -> tuple[th.Tensor, th.Tensor]:
+        """
+        The critic and actor losses of one update, as one differentiable sum, and their statistics. A pure
+        function of the networks and its inputs (no optimizer, no in-place change), so ``compile_update`` can
+        compile its forward and backward as one graph.
+
+        Like the reference implementation, both losses use the networks as they are before this update: the
+        actor's Q term sees the critic before its step, and reaches only the actor's weights (the critic's enter
+        it detached), so the gradient of the sum is each network's own gradient.
+
+        :param sampling_bf16: run the no-gradient sampling in bf16 autocast (``policy.sampling_bf16``; decided
+            outside, where the device can be probed)
+        :return: (critic_loss + actor_loss, the stacked statistics of :attr:`STATS`)
+        """
+        policy = self.policy
+        batch_size = chunks.shape[0]
+        sampling_autocast = functools.partial(th.autocast, self.device.type, dtype=th.bfloat16, enabled=sampling_bf16)
         # Critic: h-step backup. Best-of-N picks a' with the online critic, the target critic values it.
         with th.no_grad():
-            next_chunks = self.policy.sample_chunks(replay_data.next_observations)
-            next_q = aggregate_q(self.critic_target(replay_data.next_observations, next_chunks), self.q_aggregation)
-            target_q = chunked_critic_target(replay_data.rewards, replay_data.masks, next_q, self.gamma, self.chunk_size)
-        q_values = self.critic(replay_data.observations, chunks)  # (K, B)
+            with sampling_autocast():
+                next_chunks = policy.sample_chunks_from_noise(next_observations, target_noise).float()
+            next_q = aggregate_q(self.critic_target(next_observations, next_chunks), self.q_aggregation)
+            target_q = chunked_critic_target(rewards, masks, next_q, self.gamma, self.chunk_size)
+        q_values = self.critic(observations, chunks)  # (K, B)
         # Windows whose episode ended before their last step have no valid bootstrap: they do not train the critic.
         critic_loss = ((q_values - target_q) ** 2 * valid[:, -1]).mean()
-        self.critic.optimizer.zero_grad()
-        critic_loss.backward()
-        self.critic.optimizer.step()
 
         # Actor: flow-matching BC on the data's chunks, masked after an episode's end.
-        actor_features = self.actor.extract_features(replay_data.observations, self.actor.features_extractor)
-        x1 = chunks
-        x0 = th.randn_like(x1)
-        t = th.rand(x1.shape[0], 1, device=x1.device)
-        x_t = (1.0 - t) * x0 + t * x1
-        flow_error = (self.actor.flow(actor_features, x_t, t) - (x1 - x0)) ** 2
+        actor_features = self.actor.extract_features(observations, self.actor.features_extractor)
+        x_t = (1.0 - t) * x0 + t * chunks
+        flow_error = (self.actor.flow(actor_features, x_t, t) - (chunks - x0)) ** 2
         if self.action_chunking:
-            bc_flow_loss = (flow_error.view(x1.shape[0], self.chunk_size, -1) * valid.unsqueeze(-1)).mean()
+            bc_flow_loss = (flow_error.view(batch_size, self.chunk_size, -1) * valid.unsqueeze(-1)).mean()
         else:
             bc_flow_loss = flow_error.mean()
         actor_loss = bc_flow_loss
-        distill_loss = th.zeros((), device=x1.device)
+        distill_loss = th.zeros((), device=chunks.device)
         if self.actor_type == "distill":
-            noise = th.randn_like(x1)
-            target_flow_chunks = self.policy.distill_target(actor_features, noise)
-            onestep_chunks = self.policy.onestep_actions(actor_features, noise)
+            with th.no_grad(), sampling_autocast():
+                target_flow_chunks = policy.flow_actions(actor_features, distill_noise).float()
+            onestep_chunks = policy.onestep_actions(actor_features, distill_noise)
             distill_loss = ((onestep_chunks - target_flow_chunks) ** 2).mean()
-            # Gradients reach the one-step actor through the critic, not the critic's weights.
-            self.critic.requires_grad_(False)
-            q_actor = self.critic(replay_data.observations, onestep_chunks.clamp(-1.0, 1.0)).mean(dim=0)
-            self.critic.requires_grad_(True)
+            frozen_critic = {name: param.detach() for name, param in self.critic.named_parameters()}
+            q_actor = th.func.functional_call(self.critic, frozen_critic, (observations, onestep_chunks.clamp(-1.0, 1.0)))
             actor_loss = bc_flow_loss + self.alpha * distill_loss - q_actor.mean()
-        self.actor.optimizer.zero_grad()
-        actor_loss.backward()
-        self.actor.optimizer.step()
-
-        polyak_update(self.critic.parameters(), self.critic_target.parameters(), self.tau)
-
         q_detached = q_values.detach()
-        return {
-            "critic_loss": critic_loss.detach(),
-            "actor_loss": actor_loss.detach(),
-            "bc_flow_loss": bc_flow_loss.detach(),
-            "distill_loss": distill_loss.detach(),
-            "q_mean": q_detached.mean(),
-            "q_max": q_detached.max(),
-            "q_min": q_detached.min(),
-        }
+        stats = th.stack(
+            [
+                critic_loss.detach(),
+                actor_loss.detach(),
+                bc_flow_loss.detach(),
+                distill_loss.detach(),
+                q_detached.mean(),
+                q_detached.max(),
+                q_detached.min(),
+            ]
+        )
+        return critic_loss + actor_loss, stats
+
+    def _loss_fn(self) -> Callable[..., tuple[th.Tensor, th.Tensor]]:
+        """:meth:`_losses`, or its ``torch.compile``'d version (built on first use) with ``compile_update``."""
+        if not self.compile_update:
+            return self._losses
+        if self._compiled_losses is None:
+            self._compiled_losses = th.compile(self._losses)
+        return self._compiled_losses
+
+    def _train_step(self, replay_data: ChunkReplayBufferSamples) -> dict[str, th.Tensor]:
+        """One gradient step of the critic and the actor on ``replay_data``; its statistics by name."""
+        return dict(zip(self.STATS, self._update(replay_data)))
+
+    def _update(self, replay_data: ChunkReplayBufferSamples) -> th.Tensor:
+        """One gradient step of the critic and the actor, then the Polyak update of the target critic."""
+        batch_size = replay_data.rewards.shape[0]
+        loss, stats = self._loss_fn()(
+            replay_data.observations,
+            replay_data.next_observations,
+            self._chunks(replay_data),
+            replay_data.rewards,
+            replay_data.masks,
+            replay_data.valid,
+            *self._update_noise(batch_size),
+            self.policy.sampling_bf16(batch_size),
+        )
+        self.critic.optimizer.zero_grad()
+        self.actor.optimizer.zero_grad()
+        loss.backward()
+        self.critic.optimizer.step()
+        self.actor.optimizer.step()
+        with th.no_grad():  # Polyak averaging, all tensors at once
+            th._foreach_lerp_(self._target_params, self._online_params, self.tau)
+        return stats
 
     # ----------------------------------------------------------------------------------------------
     # Collecting experience
@@ -636,7 +705,15 @@ class QC(OffPolicyAlgorithm):
 
     def _excluded_save_params(self) -> list[str]:
         # The offline dataset lives in the replay buffer (see save_replay_buffer), not in the model file.
-        return super()._excluded_save_params() + ["actor", "critic", "critic_target", "offline_dataset"]
+        return super()._excluded_save_params() + [
+            "actor",
+            "critic",
+            "critic_target",
+            "offline_dataset",
+            "_online_params",
+            "_target_params",
+            "_compiled_losses",
+        ]
 
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
         return ["policy", "actor.optimizer", "critic.optimizer"], []
