@@ -477,7 +477,8 @@ class QC(OffPolicyAlgorithm):
         # Actor: flow-matching BC on the data's chunks, masked after an episode's end.
         actor_features = self.actor.extract_features(observations, self.actor.features_extractor)
         x_t = (1.0 - t) * x0 + t * chunks
-        flow_error = (self.actor.flow(actor_features, x_t, t) - (chunks - x0)) ** 2
+        # (.float(): network outputs are bf16 under training_precision="bfloat16"; the loss arithmetic stays float32)
+        flow_error = (self.actor.flow(actor_features, x_t, t).float() - (chunks - x0)) ** 2
         if self.action_chunking:
             bc_flow_loss = (flow_error.view(batch_size, self.chunk_size, -1) * valid.unsqueeze(-1)).mean()
         else:
@@ -487,7 +488,7 @@ class QC(OffPolicyAlgorithm):
         if self.actor_type == "distill":
             with th.no_grad(), sampling_autocast():
                 target_flow_chunks = policy.flow_actions(actor_features, distill_noise).float()
-            onestep_chunks = policy.onestep_actions(actor_features, distill_noise)
+            onestep_chunks = policy.onestep_actions(actor_features, distill_noise).float()
             distill_loss = ((onestep_chunks - target_flow_chunks) ** 2).mean()
             frozen_critic = {name: param.detach() for name, param in self.critic.named_parameters()}
             q_actor = th.func.functional_call(self.critic, frozen_critic, (observations, onestep_chunks.clamp(-1.0, 1.0)))
@@ -521,16 +522,17 @@ class QC(OffPolicyAlgorithm):
     def _update(self, replay_data: ChunkReplayBufferSamples) -> th.Tensor:
         """One gradient step of the critic and the actor, then the Polyak update of the target critic."""
         batch_size = replay_data.rewards.shape[0]
-        loss, stats = self._loss_fn()(
-            replay_data.observations,
-            replay_data.next_observations,
-            self._chunks(replay_data),
-            replay_data.rewards,
-            replay_data.masks,
-            replay_data.valid,
-            *self._update_noise(batch_size),
-            self.policy.sampling_bf16(batch_size),
-        )
+        with self.policy.training_autocast():
+            loss, stats = self._loss_fn()(
+                replay_data.observations,
+                replay_data.next_observations,
+                self._chunks(replay_data),
+                replay_data.rewards,
+                replay_data.masks,
+                replay_data.valid,
+                *self._update_noise(batch_size),
+                self.policy.sampling_bf16(batch_size),
+            )
         self.critic.optimizer.zero_grad()
         self.actor.optimizer.zero_grad()
         loss.backward()
