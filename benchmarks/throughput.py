@@ -107,9 +107,19 @@ def fill_sac_buffer(model: SAC, n: int, rng: np.random.Generator) -> None:
 
 
 def make_qc(
-    actor_type: str, net_arch: list[int], num_samples: int, batch_size: int, precision: str, device: str, compiled: bool = False
+    actor_type: str,
+    net_arch: list[int],
+    num_samples: int,
+    batch_size: int,
+    precision: str,
+    device: str,
+    compiled: bool = False,
+    training_precision: str = "float32",
 ) -> QC:
-    """A QC model on :class:`SyntheticEnv` with 10k synthetic transitions; ``compiled``: compile_update and compile_sampling."""
+    """
+    A QC model on :class:`SyntheticEnv` with 10k synthetic transitions. ``precision``: ``sampling_precision``;
+    ``compiled``: ``compile_update`` and ``compile_sampling``.
+    """
     th.manual_seed(0)
     model = QC(
         "MlpPolicy",
@@ -121,7 +131,9 @@ def make_qc(
         batch_size=batch_size,
         buffer_size=20_000,
         compile_update=compiled,
-        policy_kwargs=dict(net_arch=net_arch, sampling_precision=precision, compile_sampling=compiled),
+        policy_kwargs=dict(
+            net_arch=net_arch, sampling_precision=precision, training_precision=training_precision, compile_sampling=compiled
+        ),
         seed=0,
         device=device,
     )
@@ -208,7 +220,9 @@ def bench_updates(
     lines = [
         f"Measured matmul throughput (1024^3, best of 5 blocks): fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s; "
         f"native bf16 on this device: {fast} (so `sampling_precision='auto'` = {'bf16' if fast else 'fp32'} for batches of >= 64 observations). "
-        "`compile`: `compile_update=True` (the whole loss, forward and backward, one graph) and `compile_sampling=True` (acting).",
+        "`compile`: `compile_update=True` (the whole loss, forward and backward, one graph) and `compile_sampling=True` (acting). "
+        "`bf16 training`: `training_precision='bfloat16'` (opt-in mixed precision of the gradient path; all other rows "
+        "keep it in float32).",
         "",
         "| config | actor | path | QC updates/s | SAC updates/s | QC / SAC | reference / SAC | predict ms/chunk | "
         "start-up s | GFLOP/update | GFLOP/s | fraction of bound |",
@@ -231,36 +245,41 @@ def bench_config(
     fast = has_fast_bf16(th.device(device).type)
     lines: list[str] = []
     goals: list[str] = []
-    variants = [("float32", False), ("auto", False)] + [("auto", True)] * with_compile  # (precision, compile)
+    # (sampling precision, compile, training precision)
+    variants = [("float32", False, "float32"), ("auto", False, "float32")]
+    variants += [("auto", True, "float32"), ("auto", True, "bfloat16")] if with_compile else [("auto", False, "bfloat16")]
     sac = make_sac(config["net_arch"], batch_size, device)
     models, startup = {}, {}
     for actor in ("best_of_n", "distill"):
-        for precision, compiled in variants:
-            model = make_qc(actor, config["net_arch"], config["num_samples"], batch_size, precision, device, compiled)
+        for precision, compiled, training in variants:
+            model = make_qc(actor, config["net_arch"], config["num_samples"], batch_size, precision, device, compiled, training)
             start = time.perf_counter()  # the first update and the first action choice: compilation, if any
             model.train(1, batch_size)
             model.predict(np.zeros(OBS_DIM, dtype=np.float32))
-            models[actor, precision, compiled], startup[actor, precision, compiled] = model, time.perf_counter() - start
+            key = (actor, precision, compiled, training)
+            models[key], startup[key] = model, time.perf_counter() - start
     jobs: dict[str, tuple[Callable[[int], Any], int]] = {"sac": (lambda n, m=sac: m.train(n, batch_size), config["sac_updates"])}
     for key, model in models.items():
         jobs[str(key)] = (lambda n, m=model: m.train(n, batch_size), config["n_updates"])
     rates = interleaved_rates(jobs, repeats)
     sac_rate = rates["sac"]
     # The same FLOPs on every path: counted on the eager float32 model (a counting mode would recompile compiled code).
-    counted = {actor: update_flops(models[actor, "float32", False]) for actor in ("best_of_n", "distill")}
-    for (actor, precision, compiled), model in models.items():
-        rate = rates[str((actor, precision, compiled))]
+    counted = {actor: update_flops(models[actor, "float32", False, "float32"]) for actor in ("best_of_n", "distill")}
+    for (actor, precision, compiled, training), model in models.items():
+        rate = rates[str((actor, precision, compiled, training))]
         latency = predict_ms(model, 20)
         flops, sampling_flops = counted[actor]
         sampling_peak = peak16 if precision == "auto" and fast else peak32
-        bound_s = (flops - sampling_flops) / (peak32 * 1e9) + sampling_flops / (sampling_peak * 1e9)
+        training_peak = peak16 if training == "bfloat16" else peak32
+        bound_s = (flops - sampling_flops) / (training_peak * 1e9) + sampling_flops / (sampling_peak * 1e9)
         reference = REFERENCE.get(name, (None, None))[actor == "distill"]
         ref_ratio = f"{reference / REFERENCE_SAC_SMALL:.2f}" if reference is not None and name == "small" else "-"
         label = "fp32" if precision == "float32" else ("auto: bf16" if fast else "auto: fp32")
         label += " + compile" if compiled else ""
+        label += " + bf16 training" if training == "bfloat16" else ""
         lines.append(
             f"| {name} | {actor} | {label} | {rate:.2f} | {sac_rate:.1f} | {rate / sac_rate:.2f} | {ref_ratio} | "
-            f"{latency:.2f} | {startup[actor, precision, compiled]:.1f} | {flops / 1e9:.2f} | {flops * rate / 1e9:.0f} | "
+            f"{latency:.2f} | {startup[actor, precision, compiled, training]:.1f} | {flops / 1e9:.2f} | {flops * rate / 1e9:.0f} | "
             f"{bound_s * rate:.2f} |"
         )
         print(lines[-1], flush=True)
@@ -449,7 +468,7 @@ def main() -> None:
             f"(issue 8: {REFERENCE['small'][0]:.0f} and {REFERENCE['small'][1]:.0f} updates/s against SAC's "
             f"{REFERENCE_SAC_SMALL:.0f}); paper config, reference: {REFERENCE['paper'][0]} (best-of-N) and "
             f"{REFERENCE['paper'][1]} (QC-FQL) updates/s. `fraction of bound`: time one update would take at the "
-            "measured matmul throughput (fp32 for the gradient path, the sampling path's own precision for its FLOPs) "
+            "measured matmul throughput (the gradient path's precision for its FLOPs, the sampling path's for its own) "
             "over the time it took.",
             "",
         ]

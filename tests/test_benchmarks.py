@@ -22,9 +22,10 @@ def test_throughput_smoke(tmp_path):
     )
     report = out.read_text()
     updates = table_rows(report, "smoke")
-    assert [(row[1], row[2].split(":")[0]) for row in updates] == [
-        ("best_of_n", "fp32"), ("best_of_n", "auto"), ("distill", "fp32"), ("distill", "auto")
-    ]  # fmt: skip
+    paths = ["fp32", "auto", "auto + bf16 training"]
+    assert [(row[1], row[2].split(":")[0] + (" + bf16 training" if "bf16 training" in row[2] else "")) for row in updates] == [
+        (actor, path) for actor in ("best_of_n", "distill") for path in paths
+    ]
     for row in updates:
         qc, sac, ratio = float(row[3]), float(row[4]), float(row[5])
         assert qc > 0 and sac > 0 and abs(ratio - qc / sac) < 0.01
