@@ -74,7 +74,7 @@ SMOKE = dict(
 PAPER = dict(
     net_arch=[512, 512, 512, 512], num_samples=32, dataset_size=1_000_000, offline_updates=1_000_000,
     online_steps=1_000_000, eval_every_offline=100_000, eval_every_online=100_000, eval_episodes=50, workers=1,
-    compile_sampling=True, out="runs/learning-paper",
+    compile=True, out="runs/learning-paper",
 )  # fmt: skip
 
 
@@ -96,7 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--alpha", type=float, default=100.0, help="distillation weight of QC-FQL and FQL")
     parser.add_argument("--sampling-precision", default="auto", choices=["auto", "float32", "bfloat16"])
-    parser.add_argument("--compile-sampling", action="store_true", help="torch.compile the sampling path")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the updates and the action choice "
+                        "(compile_update=True, compile_sampling=True)")
     parser.add_argument("--workers", type=int, default=2, help="parallel runs (processes, one thread each)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data-dir", default=None, help="dataset cache (default: data/, or <out>/data with --smoke)")
@@ -156,9 +157,8 @@ def run_one(job: tuple[argparse.Namespace, str, str, int, Path]) -> list[dict[st
         batch_size=args.batch_size,
         learning_starts=0,
         buffer_size=args.online_steps + 1_000,  # the online ring only: the dataset is kept in its own block
-        policy_kwargs=dict(
-            net_arch=args.net_arch, sampling_precision=args.sampling_precision, compile_sampling=args.compile_sampling
-        ),
+        compile_update=args.compile,
+        policy_kwargs=dict(net_arch=args.net_arch, sampling_precision=args.sampling_precision, compile_sampling=args.compile),
         seed=seed,
         device=args.device,
     )
