@@ -317,6 +317,17 @@ def test_compiled_sampling_matches_eager(actor_type):
     np.testing.assert_allclose(chunks.numpy(), expected.numpy(), atol=1e-5)
 
 
+def assert_same_step_stats(reference, other, data, rel, abs):
+    """One update of each model on ``data`` from the same seed; their statistics agree within the tolerances."""
+    th.manual_seed(3)
+    expected = reference._train_step(data)
+    th.manual_seed(3)
+    stats = other._train_step(data)
+    for key in QC.STATS:
+        assert float(stats[key]) == pytest.approx(float(expected[key]), rel=rel, abs=abs), key
+    return expected, stats
+
+
 @pytest.mark.parametrize("actor_type", ["best_of_n", "distill"])
 def test_compiled_update_matches_eager(actor_type):
     """compile_update=True runs the same update as the eager code: same statistics, same weights after two steps."""
@@ -330,12 +341,7 @@ def test_compiled_update_matches_eager(actor_type):
     compiled.critic.optimizer.load_state_dict(copy.deepcopy(eager.critic.optimizer.state_dict()))
     data = eager.replay_buffer.sample(16)
     for _ in range(2):
-        th.manual_seed(3)
-        expected = eager._train_step(data)
-        th.manual_seed(3)
-        stats = compiled._train_step(data)
-        for key in QC.STATS:
-            assert float(stats[key]) == pytest.approx(float(expected[key]), rel=1e-4, abs=1e-5), key
+        assert_same_step_stats(eager, compiled, data, rel=1e-4, abs=1e-5)
     assert compiled._compiled_losses is not None and eager._compiled_losses is None
     for name, param in eager.policy.state_dict().items():
         np.testing.assert_allclose(compiled.policy.state_dict()[name].numpy(), param.numpy(), atol=1e-5, err_msg=name)
@@ -356,13 +362,7 @@ def test_bf16_training_agrees_with_float32(actor_type):
     plain.learn(300)
     mixed = model("bfloat16")
     mixed.policy.load_state_dict(plain.policy.state_dict())
-    data = plain.replay_buffer.sample(64)
-    th.manual_seed(3)
-    expected = plain._train_step(data)
-    th.manual_seed(3)
-    stats = mixed._train_step(data)
-    for key in QC.STATS:
-        assert float(stats[key]) == pytest.approx(float(expected[key]), rel=1e-2, abs=1e-4), key
+    expected, stats = assert_same_step_stats(plain, mixed, plain.replay_buffer.sample(64), rel=1e-2, abs=1e-4)
     assert any(float(stats[key]) != float(expected[key]) for key in QC.STATS)
     assert {p.dtype for p in mixed.policy.parameters()} == {p.grad.dtype for p in mixed.critic.parameters()} == {th.float32}
     with pytest.raises(ValueError, match="training_precision must be one of"):
