@@ -151,9 +151,9 @@ class QC(OffPolicyAlgorithm):
     :param action_chunking: False for the n-step ablations (BFN-n / FQL-n)
     :param compile_update: ``torch.compile`` the losses of each gradient update (critic target with its
         sampling, both losses) into one forward and one backward graph. On a 2-core CPU, against the eager update
-        with bf16 sampling: best-of-N 1.6-1.7x the updates/s, QC-FQL 1.1-1.4x, for 3-7 s of compilation at the
-        first update (``benchmarks/results/throughput.md``). Compiled and eager updates draw the same random
-        numbers and agree to float rounding
+        with bf16 sampling: best-of-N 1.6-1.8x the updates/s, QC-FQL 1.1-1.4x (``benchmarks/results/throughput.md``),
+        for 30-40 s of compilation at the first update on a machine (~5 s once torch's on-disk cache holds the
+        kernels). Compiled and eager updates draw the same random numbers and agree to float rounding
     :param learning_rate: learning rate for Adam, constant or a function of the remaining progress
     :param buffer_size: size of the (online) replay buffer, in primitive transitions
     :param learning_starts: primitive steps to collect before learning starts (random actions before that,
