@@ -183,15 +183,20 @@ def test_bad_inputs_raise_clear_errors():
         QC("MlpPolicy", "Pendulum-v1", q_aggregation="max")
 
 
-def test_vec_env_and_dict_observations():
+def test_vec_env():
     vec_env = make_vec_env("Pendulum-v1", n_envs=2, wrapper_class=ChunkedActionWrapper, wrapper_kwargs=dict(chunk_size=2))
     model = small_qc(vec_env, chunk_size=2)
     model.learn(60)
     assert model.num_timesteps == 60 and all(model.replay_buffer.positions == 30)
 
-    model = QC("MultiInputPolicy", ScriptedEnv(dict_obs=True, truncate_at=9), chunk_size=2, seed=0, **SMALL)
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_dict_observations(compiled):
+    config = {**SMALL, "policy_kwargs": dict(net_arch=[16, 16], compile_sampling=compiled)}
+    env = ScriptedEnv(dict_obs=True, truncate_at=9)
+    model = QC("MultiInputPolicy", env, chunk_size=2, seed=0, compile_update=compiled, **config)
     model.learn(50)
-    assert model._n_updates > 0
+    assert model._n_updates > 0 and (model._compiled_losses is not None) == compiled
     chunk, _ = model.predict({"count": np.array([1.0], dtype=np.float32), "twice": np.array([2.0], dtype=np.float32)})
     assert chunk.shape == (4,)
 
