@@ -473,13 +473,17 @@ class QCPolicy(BasePolicy):
             return has_fast_bf16(self.device.type) and batch_size >= AUTO_BF16_MIN_BATCH
         return self.sampling_precision == "bfloat16"
 
+    def bf16_autocast(self, enabled: bool) -> th.autocast:
+        """bfloat16 autocast on the policy's device if ``enabled``, else a disabled autocast (float32 stays float32)."""
+        return th.autocast(self.device.type, dtype=th.bfloat16, enabled=enabled)
+
     def training_autocast(self) -> th.autocast:
         """The autocast context of the gradient path: bf16 with ``training_precision="bfloat16"``, disabled otherwise."""
-        return th.autocast(self.device.type, dtype=th.bfloat16, enabled=self.training_precision == "bfloat16")
+        return self.bf16_autocast(self.training_precision == "bfloat16")
 
     def sampling_autocast(self, batch_size: int) -> th.autocast:
         """The autocast context of the no-gradient sampling path (see :meth:`sampling_bf16`)."""
-        return th.autocast(self.device.type, dtype=th.bfloat16, enabled=self.sampling_bf16(batch_size))
+        return self.bf16_autocast(self.sampling_bf16(batch_size))
 
     def flow_actions(self, actor_features: th.Tensor, noise: th.Tensor) -> th.Tensor:
         """Chunks from the BC flow for the given noise, (B, D) or (B, N, D)."""

@@ -1,4 +1,3 @@
-import functools
 import io
 import pathlib
 from collections.abc import Callable
@@ -464,10 +463,9 @@ class QC(OffPolicyAlgorithm):
         """
         policy = self.policy
         batch_size = chunks.shape[0]
-        sampling_autocast = functools.partial(th.autocast, self.device.type, dtype=th.bfloat16, enabled=sampling_bf16)
         # Critic: h-step backup. Best-of-N picks a' with the online critic, the target critic values it.
         with th.no_grad():
-            with sampling_autocast():
+            with policy.bf16_autocast(sampling_bf16):
                 next_chunks = policy.sample_chunks_from_noise(next_observations, target_noise).float()
             next_q = aggregate_q(self.critic_target(next_observations, next_chunks), self.q_aggregation)
             target_q = chunked_critic_target(rewards, masks, next_q, self.gamma, self.chunk_size)
@@ -487,7 +485,7 @@ class QC(OffPolicyAlgorithm):
         actor_loss = bc_flow_loss
         distill_loss = th.zeros((), device=chunks.device)
         if self.actor_type == "distill":
-            with th.no_grad(), sampling_autocast():
+            with th.no_grad(), policy.bf16_autocast(sampling_bf16):
                 target_flow_chunks = policy.flow_actions(actor_features, distill_noise).float()
             onestep_chunks = policy.onestep_actions(actor_features, distill_noise).float()
             distill_loss = ((onestep_chunks - target_flow_chunks) ** 2).mean()
