@@ -96,6 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--alpha", type=float, default=100.0, help="distillation weight of QC-FQL and FQL")
     parser.add_argument("--sampling-precision", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--training-precision", default="float32", choices=["float32", "bfloat16"],
+                        help="precision of the gradient path (bfloat16: opt-in mixed precision)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the updates and the action choice "
                         "(compile_update=True, compile_sampling=True)")
     parser.add_argument("--workers", type=int, default=2, help="parallel runs (processes, one thread each)")
@@ -158,7 +160,12 @@ def run_one(job: tuple[argparse.Namespace, str, str, int, Path]) -> list[dict[st
         learning_starts=0,
         buffer_size=args.online_steps + 1_000,  # the online ring only: the dataset is kept in its own block
         compile_update=args.compile,
-        policy_kwargs=dict(net_arch=args.net_arch, sampling_precision=args.sampling_precision, compile_sampling=args.compile),
+        policy_kwargs=dict(
+            net_arch=args.net_arch,
+            sampling_precision=args.sampling_precision,
+            training_precision=args.training_precision,
+            compile_sampling=args.compile,
+        ),
         seed=seed,
         device=args.device,
     )
