@@ -388,7 +388,7 @@ class QCPolicy(BasePolicy):
         self.actor_layer_norm = actor_layer_norm
         self.chunk_dim = get_action_dim(action_space)  # size of the flattened chunk (a plain int: no numpy when compiled)
         self._build(lr_schedule)
-        self._compiled: dict[str, Callable[..., th.Tensor]] = {}  # torch.compile'd sampling, built on first use
+        self._compiled_sampling: Callable[..., th.Tensor] | None = None  # torch.compile'd sampling, built on first use
 
     def _build(self, lr_schedule: Schedule) -> None:
         self.actor = self.make_actor()
@@ -521,13 +521,13 @@ class QCPolicy(BasePolicy):
         shape = (batch_size, self.num_samples, self.chunk_dim) if self.actor_type == "best_of_n" else (batch_size, self.chunk_dim)
         return th.randn(shape, device=self.device)
 
-    def _sampling_fn(self, name: str, fn: Callable[..., th.Tensor]) -> Callable[..., th.Tensor]:
-        """``fn`` itself, or its ``torch.compile``'d version when ``compile_sampling`` is set."""
+    def _sampling_fn(self) -> Callable[..., th.Tensor]:
+        """:meth:`sample_chunks_from_noise`, or its ``torch.compile``'d version with ``compile_sampling``."""
         if not self.compile_sampling:
-            return fn
-        if name not in self._compiled:
-            self._compiled[name] = th.compile(fn)
-        return self._compiled[name]
+            return self.sample_chunks_from_noise
+        if self._compiled_sampling is None:
+            self._compiled_sampling = th.compile(self.sample_chunks_from_noise)
+        return self._compiled_sampling
 
     def sample_chunks_from_noise(self, obs: PyTorchObs, noise: th.Tensor) -> th.Tensor:
         """
@@ -552,7 +552,7 @@ class QCPolicy(BasePolicy):
         batch_size = len(next(iter(obs.values())) if isinstance(obs, dict) else obs)
         noise = self.sampling_noise(batch_size)
         with self.sampling_autocast(batch_size):
-            chunks = self._sampling_fn("sample_chunks", self.sample_chunks_from_noise)(obs, noise)
+            chunks = self._sampling_fn()(obs, noise)
         return chunks.float()
 
     def forward(self, obs: PyTorchObs, deterministic: bool = False) -> th.Tensor:
