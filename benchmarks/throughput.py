@@ -439,6 +439,24 @@ def machine_line(device: str) -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {th.__version__} ({th.get_num_threads()} threads), device {device}"
 
 
+def report_header(title: str, device: str) -> list[str]:
+    """The first lines of a benchmark report: title, the command that made it, date and machine."""
+    return [
+        f"# {title}",
+        "",
+        f"Command: `{shlex.join(['python', *sys.argv])}`",
+        f"Date: {datetime.datetime.now().isoformat(timespec='seconds')}; machine: {machine_line(device)}.",
+    ]
+
+
+def write_report(lines: list[str], out: str | None) -> None:
+    """Print a markdown report and, with ``out``, write it to that file."""
+    text = "\n".join(lines)
+    print()
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny configs, a few updates (for the tests)")
@@ -460,13 +478,7 @@ def main() -> None:
         data_dir = Path(args.out).parent / "data" if args.smoke and args.out else Path("data")
         args.dataset_source = data_dir / f"cube-single-play-{source_size}-seed0.npz"
 
-    report = [
-        "# Throughput",
-        "",
-        f"Command: `{shlex.join(['python', *sys.argv])}`",
-        f"Date: {datetime.datetime.now().isoformat(timespec='seconds')}; machine: {machine_line(args.device)}.",
-        "",
-    ]
+    report = [*report_header("Throughput", args.device), ""]
     goals: list[str] = []
     if "updates" in args.sections:
         lines, goals = bench_updates(configs, batch_size, args.repeats, args.device, with_compile=not args.smoke)
@@ -495,11 +507,7 @@ def main() -> None:
     if "dataset" in args.sections:
         dataset_lines = bench_dataset(args.dataset_source, source_size, args.dataset_transitions)
         report += ["## Offline dataset: load time and replay-buffer memory", "", *dataset_lines, ""]
-    text = "\n".join(report)
-    print()
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

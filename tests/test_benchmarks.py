@@ -5,6 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch as th
+import torch.nn.functional as F
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -47,3 +50,37 @@ def test_learning_smoke(tmp_path):
         assert {row["phase"] for row in rows if row["method"] == method} == {"offline", "online"}
     assert all(0.0 <= float(row["success_rate"]) <= 1.0 for row in rows)
     assert (tmp_path / "summary.md").exists() and (tmp_path / "cube-single.png").exists()
+
+
+def test_levers_smoke(tmp_path):
+    out = tmp_path / "levers.md"
+    levers = ["baseline", "aten-gelu", "onednn-linear-gelu"]
+    command = [sys.executable, str(ROOT / "benchmarks" / "levers.py"), "--smoke", "--actors", "distill", "--threads", "1"]
+    subprocess.run([*command, "--levers", *levers, "--out", str(out)], check=True, timeout=300)
+    rows = table_rows(out.read_text(), "distill")
+    assert [row[2] for row in rows] == levers
+    assert float(rows[0][4]) == 1.0  # the baseline against itself
+    assert all(float(row[3]) > 0 and float(row[5]) <= float(row[4]) <= float(row[6]) for row in rows)
+
+
+def test_levers_compute_the_same_function():
+    """A lever may change how the sampling path computes, never what: same outputs as the modules it replaces."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from levers import SamplingGELU, SamplingLinearGELU
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    th.manual_seed(0)
+    linear, x = th.nn.Linear(16, 32), th.randn(64, 16) * 3
+    with th.no_grad():
+        expected = F.gelu(linear(x))
+        th.testing.assert_close(SamplingGELU()(linear(x)), expected, rtol=0, atol=1e-6)
+        th.testing.assert_close(SamplingLinearGELU(linear)(x), expected, rtol=1e-5, atol=1e-5)
+        # In bf16 (the sampling path's precision on CPUs with native bf16): within bf16 rounding.
+        fused = SamplingLinearGELU(linear)(x.bfloat16()).float()
+        th.testing.assert_close(fused, expected, rtol=2e-2, atol=2e-2)
+    # With gradients (the training path), the plain modules run: same values, and gradients flow.
+    y = SamplingLinearGELU(linear)(x)
+    y.sum().backward()
+    assert linear.weight.grad is not None
+    th.testing.assert_close(y.detach(), expected)

@@ -33,6 +33,7 @@ from sb3_qchunk.qc.policies import (
     MultiInputPolicy,
     QCPolicy,
     aggregate_q,
+    compile_options,
 )
 from sb3_qchunk.wrappers import ChunkedActionWrapper, find_chunk_wrapper
 
@@ -511,7 +512,7 @@ class QC(OffPolicyAlgorithm):
         if not self.compile_update:
             return self._losses
         if self._compiled_losses is None:
-            self._compiled_losses = th.compile(self._losses)
+            self._compiled_losses = th.compile(self._losses, options=compile_options(self.device))
         return self._compiled_losses
 
     def _train_step(self, replay_data: ChunkReplayBufferSamples) -> dict[str, th.Tensor]:

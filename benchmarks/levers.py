@@ -1,0 +1,231 @@
+"""
+Speed levers for the compiled fast path, measured one against the other in one process (issue 8: "measure each;
+keep what pays"). The baseline is the shipped fast path (``compile_update``, ``compile_sampling``,
+``sampling_precision="auto"``, inductor options from :func:`sb3_qchunk.qc.policies.compile_options`); each lever
+changes one thing on top of it: an inductor option taken back or set otherwise (what the shipped options gain),
+a kernel swapped in the no-gradient path, a global torch switch. A later session can re-check a lever on another
+machine, or add one, here without touching the library.
+
+Method: every lever gets its own model (same seed, same synthetic buffer as ``throughput.py``); the models take
+turns in timed blocks of updates, and each block's rate is divided by the baseline's rate in the same round. The
+table reports the median of those paired ratios and their quartiles, so a slow moment of the machine hits both
+sides of a ratio. ``baseline-again`` is a second, identical baseline model: its spread is the noise floor.
+
+    python benchmarks/levers.py --out benchmarks/results/levers.md          # both actors, 1 and 2 threads
+    python benchmarks/levers.py --actors distill --threads 2 --rounds 8     # a part
+    python benchmarks/levers.py --smoke --out /tmp/levers.md                # tiny, for the tests
+"""
+
+import argparse
+import contextlib
+import multiprocessing
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch as th
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import CONFIGS, SMOKE_CONFIG, make_qc, report_header, write_report  # noqa: E402
+
+from sb3_qchunk import QC  # noqa: E402
+from sb3_qchunk.qc.policies import compile_options  # noqa: E402
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The candidates
+# --------------------------------------------------------------------------------------------------------------
+@th.library.custom_op("sb3_qchunk_levers::gelu", mutates_args=())
+def aten_gelu(x: th.Tensor) -> th.Tensor:
+    """ATen's erf GELU (oneDNN eltwise on CPU) as an op inductor cannot see into, so it is called, not generated."""
+    return F.gelu(x)
+
+
+@aten_gelu.register_fake
+def _(x: th.Tensor) -> th.Tensor:
+    return th.empty_like(x)
+
+
+@th.library.custom_op("sb3_qchunk_levers::linear_gelu", mutates_args=())
+def onednn_linear_gelu(x: th.Tensor, weight: th.Tensor, bias: th.Tensor) -> th.Tensor:
+    """gelu(x @ weight.T + bias) as one oneDNN matmul with a GELU post-op (opaque to inductor, like aten_gelu)."""
+    return th.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
+
+
+@onednn_linear_gelu.register_fake
+def _(x: th.Tensor, weight: th.Tensor, bias: th.Tensor) -> th.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+class SamplingGELU(nn.GELU):
+    """erf GELU; in no-gradient code (the sampling path) through :func:`aten_gelu`."""
+
+    def forward(self, x: th.Tensor) -> th.Tensor:
+        return super().forward(x) if th.is_grad_enabled() else aten_gelu(x)
+
+
+class SamplingLinearGELU(nn.Module):
+    """gelu(linear(x)) with the same Linear; in no-gradient code through :func:`onednn_linear_gelu`."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: th.Tensor) -> th.Tensor:
+        if th.is_grad_enabled():
+            return F.gelu(self.linear(x))
+        return onednn_linear_gelu(x, self.linear.weight.to(x.dtype), self.linear.bias.to(x.dtype))
+
+
+def use_aten_gelu(model: QC) -> None:
+    """Every GELU of the policy (flow, one-step actor, critics) calls ATen's kernel when no gradient is taken."""
+    for module in model.policy.modules():
+        for name, child in module.named_children():
+            if type(child) is nn.GELU and child.approximate == "none":
+                setattr(module, name, SamplingGELU())
+
+
+def fuse_flow_linear_gelu(model: QC) -> None:
+    """The flow's hidden Linear+GELU pairs become one oneDNN matmul with a GELU post-op when no gradient is taken."""
+    body = model.actor.flow.body
+    for i in range(len(body) - 1):
+        if isinstance(body[i], nn.Linear) and type(body[i + 1]) is nn.GELU:
+            body[i], body[i + 1] = SamplingLinearGELU(body[i]), nn.Identity()
+
+
+def inductor_options(**options: object) -> Callable[[QC], None]:
+    """Compile the model's loss and acting functions with these inductor options instead of the shipped ones."""
+
+    def apply(model: QC) -> None:
+        model._compiled_losses = th.compile(model._losses, options=dict(options))
+        model.policy._compiled_sampling = th.compile(model.policy.sample_chunks_from_noise, options=dict(options))
+
+    return apply
+
+
+@contextlib.contextmanager
+def bf16_fpmath() -> Iterator[None]:
+    """float32 matmuls computed by oneDNN from bf16-rounded inputs (fp32 accumulation), the CPU analogue of TF32."""
+    previous = th.backends.mkldnn.matmul.fp32_precision
+    th.backends.mkldnn.matmul.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        th.backends.mkldnn.matmul.fp32_precision = previous
+
+
+@dataclass
+class Lever:
+    description: str
+    apply: Callable[[QC], None] = lambda model: None
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    needs_mkldnn: bool = field(default=False)
+
+
+SHIPPED = compile_options(th.device("cpu"))
+LEVERS = {
+    "baseline": Lever(f"the shipped fast path: compile_update + compile_sampling (inductor options {SHIPPED}) + bf16 sampling"),
+    "baseline-again": Lever("a second, identical model (the noise floor)"),
+    "inductor-defaults": Lever("compiled with inductor's default options (the fast path before `compile_options`)", inductor_options()),
+    "no-cpp-wrapper": Lever("`realize_cpu_opcount_threshold=4` only", inductor_options(realize_cpu_opcount_threshold=4)),
+    "no-realize": Lever("`cpp_wrapper=True` only", inductor_options(cpp_wrapper=True)),
+    **{
+        f"realize-{threshold}": Lever(
+            f"`cpp_wrapper=True`, `realize_cpu_opcount_threshold={threshold}`",
+            inductor_options(cpp_wrapper=True, realize_cpu_opcount_threshold=threshold),
+        )
+        for threshold in (2, 8)
+    },
+    "aten-gelu": Lever("no-gradient GELUs call ATen's kernel instead of inductor's generated one", use_aten_gelu),
+    "onednn-linear-gelu": Lever(
+        "the flow's hidden Linear+GELU pairs as one oneDNN matmul with a GELU post-op (no-gradient path)",
+        fuse_flow_linear_gelu,
+        needs_mkldnn=True,
+    ),
+    "bf16-fpmath": Lever(
+        "`torch.backends.mkldnn.matmul.fp32_precision = 'bf16'` around the updates (gradient path's matmuls included)",
+        context=bf16_fpmath,
+        needs_mkldnn=True,
+    ),
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Measurement
+# --------------------------------------------------------------------------------------------------------------
+def measure(actor: str, config: dict, levers: list[str], threads: int, rounds: int, block: int, batch_size: int) -> list[str]:
+    """The table rows of one (actor, thread count): each lever's median rate and paired ratio to the baseline."""
+    th.set_num_threads(threads)
+    models: dict[str, QC] = {}
+    for name in levers:
+        model = make_qc(actor, config["net_arch"], config["num_samples"], batch_size, "auto", "cpu", compiled=True)
+        LEVERS[name].apply(model)
+        with LEVERS[name].context():
+            model.train(2, batch_size)  # compilation
+        models[name] = model
+    rates: dict[str, list[float]] = {name: [] for name in levers}
+    for _ in range(rounds):
+        for name, model in models.items():
+            with LEVERS[name].context():
+                start = time.perf_counter()
+                model.train(block, batch_size)
+                rates[name].append(block / (time.perf_counter() - start))
+    rows = []
+    for name in levers:
+        paired = [rate / base for rate, base in zip(rates[name], rates[levers[0]])]
+        q1, _, q3 = statistics.quantiles(paired, n=4) if len(paired) > 1 else (paired[0],) * 3
+        rows.append(
+            f"| {actor} | {threads} | {name} | {statistics.median(rates[name]):.2f} | {statistics.median(paired):.3f} | "
+            f"{q1:.3f} | {q3:.3f} |"
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--actors", nargs="+", default=["best_of_n", "distill"], choices=["best_of_n", "distill"])
+    parser.add_argument("--threads", nargs="+", type=int, default=[2, 1], help="torch threads, one process each")
+    parser.add_argument("--levers", nargs="+", default=list(LEVERS), choices=list(LEVERS), help="the first is the baseline")
+    parser.add_argument("--rounds", type=int, default=16, help="timed blocks per lever")
+    parser.add_argument("--smoke", action="store_true", help="tiny networks, a few updates (for the tests)")
+    parser.add_argument("--out", type=str, default=None, help="write the markdown report to this file")
+    args = parser.parse_args()
+
+    config, block, batch_size = CONFIGS["small"], 25, 256
+    if args.smoke:
+        config, block, batch_size, args.rounds = SMOKE_CONFIG["smoke"], 2, 8, 2
+    levers = [name for name in args.levers if th.backends.mkldnn.is_available() or not LEVERS[name].needs_mkldnn]
+    context = multiprocessing.get_context("spawn")
+    rows: list[str] = []
+    for actor in args.actors:
+        for threads in args.threads:
+            # A process each: the thread count is set before anything is compiled, and compiled code stays per process.
+            with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+                rows += pool.submit(measure, actor, config, levers, threads, args.rounds, block, batch_size).result()
+
+    report = [
+        *report_header("Speed levers of the compiled fast path, one against the other", "cpu"),
+        f"Config: {'smoke' if args.smoke else 'small'} ({config['net_arch']}, N={config['num_samples']}, batch {batch_size}); "
+        f"{args.rounds} rounds of {block} updates per lever, the levers taking turns.",
+        "",
+        "| actor | threads | lever | updates/s (median) | / baseline (median of paired ratios) | q1 | q3 |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "Levers:",
+        "",
+        *[f"- `{name}`: {LEVERS[name].description}" for name in levers],
+        "",
+    ]
+    write_report(report, args.out)
+
+
+if __name__ == "__main__":
+    main()
