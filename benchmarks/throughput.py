@@ -312,7 +312,7 @@ def goal_lines(config: str, actor: str, label: str, rate: float, sac_rate: float
     out = []
     for what, value, goal, higher in checks:
         met = value >= goal if higher else value <= goal
-        out.append(f"- {config} {actor} ({label}): {what} {value:.2f} (goal {'>=' if higher else '<='} {goal}): {'met' if met else 'NOT met'}")
+        out.append(f"- {config} {actor} ({label}): {what} {value:.3f} (goal {'>=' if higher else '<='} {goal}): {'met' if met else 'NOT met'}")
     return out
 
 

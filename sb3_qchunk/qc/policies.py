@@ -50,8 +50,10 @@ def compile_options(device: th.device) -> dict[str, Any]:
     ``compile_sampling``). On CPU: ``realize_cpu_opcount_threshold=4`` stores a pointwise result that several
     kernels read instead of recomputing it in each (inductor's CPU default, 50, recomputes e.g. the erf-GELU that a
     LayerNorm reads three times: mean, variance, normalisation), and ``cpp_wrapper`` calls a compiled graph's
-    kernels from C++ instead of Python. Together +8% (best-of-N) and +10-17% (QC-FQL) updates/s on the 2-core CPU
-    (small config, ``benchmarks/results/levers.md``). Elsewhere, inductor's defaults.
+    kernels from C++ instead of Python. Against inductor's defaults on the 2-core CPU (small config,
+    ``benchmarks/results/levers*.md``): QC-FQL +11% (2 threads) and +13% (1 thread); best-of-N +9% on 1 thread, -4% to
+    0% on 2 (where ``cpp_wrapper`` alone gains ~4% and the threshold gives it back). Elsewhere, inductor's
+    defaults.
 
     :param device: the device the compiled code runs on
     """
