@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch as th
@@ -122,10 +122,19 @@ def bf16_fpmath() -> Iterator[None]:
 
 @dataclass
 class Lever:
+    """
+    One candidate change to the fast path.
+
+    :param description: what it changes (printed under the table)
+    :param apply: changes a freshly built model before its first update (module swaps, compile options)
+    :param context: entered around each of the lever's timed blocks (global switches)
+    :param needs_mkldnn: skipped where torch has no oneDNN
+    """
+
     description: str
     apply: Callable[[QC], None] = lambda model: None
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-    needs_mkldnn: bool = field(default=False)
+    needs_mkldnn: bool = False
 
 
 SHIPPED = compile_options(th.device("cpu"))

@@ -457,6 +457,7 @@ def write_report(lines: list[str], out: str | None) -> None:
     if out:
         Path(out).write_text(text + "\n")
 
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny configs, a few updates (for the tests)")

@@ -43,7 +43,6 @@ def has_fast_bf16(device_type: str) -> bool:
     return False
 
 
-
 def compile_options(device: th.device) -> dict[str, Any]:
     """
     The inductor options QC compiles its update and its action choice with (``compile_update``,
@@ -51,8 +50,8 @@ def compile_options(device: th.device) -> dict[str, Any]:
     kernels read instead of recomputing it in each (inductor's CPU default, 50, recomputes e.g. the erf-GELU that a
     LayerNorm reads three times: mean, variance, normalisation), and ``cpp_wrapper`` calls a compiled graph's
     kernels from C++ instead of Python. Against inductor's defaults on the 2-core CPU (small config,
-    ``benchmarks/results/levers*.md``): QC-FQL +11% (2 threads) and +13% (1 thread); best-of-N +9% on 1 thread, -4% to
-    0% on 2 (where ``cpp_wrapper`` alone gains ~4% and the threshold gives it back). Elsewhere, inductor's
+    ``benchmarks/results/levers*.md``): QC-FQL +11% (2 threads) and +13% (1 thread); best-of-N +9% on 1 thread,
+    -4% to 0% on 2 (where ``cpp_wrapper`` alone gains ~4% and the threshold gives it back). Elsewhere, inductor's
     defaults.
 
     :param device: the device the compiled code runs on
@@ -65,6 +64,7 @@ def compile_options(device: th.device) -> dict[str, Any]:
     if hasattr(inductor_config, "realize_cpu_opcount_threshold"):  # not in every torch version: then the default
         options["realize_cpu_opcount_threshold"] = 4
     return options
+
 
 class EnsembleLinear(nn.Module):
     """
