@@ -99,6 +99,14 @@ def fuse_flow_linear_gelu(model: QC) -> None:
             body[i], body[i + 1] = SamplingLinearGELU(body[i]), nn.Identity()
 
 
+def use_tanh_gelu(model: QC) -> None:
+    """Every erf GELU of the policy becomes the tanh approximation (``jax.nn.gelu``'s default, the reference's)."""
+    for module in model.policy.modules():
+        for name, child in module.named_children():
+            if type(child) is nn.GELU and child.approximate == "none":
+                setattr(module, name, nn.GELU(approximate="tanh"))
+
+
 def inductor_options(**options: object) -> Callable[[QC], None]:
     """Compile the model's loss and acting functions with these inductor options instead of the shipped ones."""
 
@@ -157,6 +165,7 @@ LEVERS = {
         fuse_flow_linear_gelu,
         needs_mkldnn=True,
     ),
+    "tanh-gelu": Lever("tanh-approximated GELU (the reference's activation, `jax.nn.gelu`) instead of erf GELU", use_tanh_gelu),
     "bf16-fpmath": Lever(
         "`torch.backends.mkldnn.matmul.fp32_precision = 'bf16'` around the updates (gradient path's matmuls included)",
         context=bf16_fpmath,

@@ -9,6 +9,10 @@ Throughput of sb3-qchunk on this machine, in one run:
    this device (fp32, and bf16 for the sampling path when it runs in bf16): the fraction of that bound reached.
 3. Chunk-wrapper overhead: primitive steps per second of a raw env against the same env inside
    ``ChunkedActionWrapper`` (h=5), on OGBench cube-single and on Pendulum-v1 (a cheap env).
+   With ``--reference FILE`` (a JSON of the authors' JAX code's rates measured on this machine, e.g.
+   ``benchmarks/results/reference_amd_epyc.json``), each row also gets its ratio to the reference's rate for the
+   same config and actor, and issue 8's goals are checked against it (1.5x the reference for small best-of-N,
+   2x for paper best-of-N).
 4. Dataset load time and replay-buffer memory for 1M OGBench transitions against the raw arrays' size.
 5. A torch.profiler breakdown of an update (the first config), plain and fast path.
 
@@ -19,11 +23,13 @@ slower moment of the machine does not favour one of them.
     python benchmarks/throughput.py --out benchmarks/results/throughput.md     # everything (~10 min on 2 cores)
     python benchmarks/throughput.py --sections updates --configs small        # a part
     python benchmarks/throughput.py --device cuda --sections updates          # on a GPU
+    python benchmarks/throughput.py --reference benchmarks/results/reference_amd_epyc.json    # with QC / reference
     python benchmarks/throughput.py --smoke --out /tmp/throughput.md          # tiny, for the tests
 """
 
 import argparse
 import datetime
+import json
 import multiprocessing
 import os
 import platform
@@ -59,6 +65,25 @@ SMOKE_CONFIG = {"smoke": dict(net_arch=[16, 16], num_samples=2, n_updates=3, sac
 # The authors' JAX code, measured on this machine type (issue 8), in updates/s: (best-of-N, QC-FQL).
 REFERENCE = {"small": (49.0, 139.0), "paper": (1.5, 20.6)}
 REFERENCE_SAC_SMALL = 147.0  # SB3 SAC in the same session as the reference's small numbers
+# Issue 8's goals as multiples of the reference's rate on the same machine (``--reference``), best-of-N.
+REFERENCE_GOALS = {"small": 1.5, "paper": 2.0}
+
+
+def load_reference(path: Path) -> dict[str, dict[str, float]]:
+    """
+    The reference's updates/s measured on this machine: ``{config: {actor: rate}}`` from the ``updates_per_s``
+    entry of a JSON file (actors named as QC's ``actor_type``), checked so that a typo cannot pass silently.
+    """
+    data = json.loads(Path(path).read_text())
+    rates = data.get("updates_per_s")
+    if not isinstance(rates, dict):
+        raise ValueError(f"{path}: expected an 'updates_per_s' object of {{config: {{actor: rate}}}}")
+    for config, by_actor in rates.items():
+        if config not in {**CONFIGS, **SMOKE_CONFIG} or not isinstance(by_actor, dict) or not set(by_actor) <= {"best_of_n", "distill"}:
+            raise ValueError(f"{path}: unknown config or actor in updates_per_s[{config!r}]: {by_actor!r}")
+        if not all(isinstance(rate, (int, float)) and rate > 0 for rate in by_actor.values()):
+            raise ValueError(f"{path}: rates must be positive numbers, got {by_actor!r}")
+    return rates
 
 
 class SyntheticEnv(gym.Env):
@@ -203,7 +228,12 @@ def matmul_peak(dtype: th.dtype, device: str, size: int = 1024, repeats: int = 2
 
 
 def bench_updates(
-    configs: dict[str, dict[str, Any]], batch_size: int, repeats: int, device: str, with_compile: bool = True
+    configs: dict[str, dict[str, Any]],
+    batch_size: int,
+    repeats: int,
+    device: str,
+    with_compile: bool = True,
+    reference: dict[str, dict[str, float]] | None = None,
 ) -> tuple[list[str], list[str]]:
     """
     Section 1 and 2: updates/s, ratios to SAC, predict latency, start-up time (compilation), FLOPs and the
@@ -223,22 +253,32 @@ def bench_updates(
         "with an empty inductor cache (the first compiled row of an actor pays the cold compilation; later runs on the "
         "same machine reuse the on-disk cache).",
         "",
-        "| config | actor | path | QC updates/s | SAC updates/s | QC / SAC | reference / SAC | predict ms/chunk | "
-        "start-up s | GFLOP/update | GFLOP/s | fraction of bound |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| config | actor | path | QC updates/s | SAC updates/s | QC / SAC | reference / SAC | QC / reference | "
+        "predict ms/chunk | start-up s | GFLOP/update | GFLOP/s | fraction of bound |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     goals: list[str] = []
     context = multiprocessing.get_context("spawn")
     for name, config in configs.items():
         with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-            rows, config_goals = pool.submit(bench_config, name, config, batch_size, repeats, device, with_compile, peak32, peak16).result()
+            rows, config_goals = pool.submit(
+                bench_config, name, config, batch_size, repeats, device, with_compile, peak32, peak16, (reference or {}).get(name, {})
+            ).result()
         lines += rows
         goals += config_goals
     return lines, goals
 
 
 def bench_config(
-    name: str, config: dict[str, Any], batch_size: int, repeats: int, device: str, with_compile: bool, peak32: float, peak16: float
+    name: str,
+    config: dict[str, Any],
+    batch_size: int,
+    repeats: int,
+    device: str,
+    with_compile: bool,
+    peak32: float,
+    peak16: float,
+    reference: dict[str, float],
 ) -> tuple[list[str], list[str]]:
     """
     The table rows and goal lines of one config (see :func:`bench_updates`). Runs with an empty inductor cache,
@@ -247,11 +287,19 @@ def bench_config(
     """
     with tempfile.TemporaryDirectory(prefix="throughput-inductor-") as cache:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
-        return _bench_config(name, config, batch_size, repeats, device, with_compile, peak32, peak16)
+        return _bench_config(name, config, batch_size, repeats, device, with_compile, peak32, peak16, reference)
 
 
 def _bench_config(
-    name: str, config: dict[str, Any], batch_size: int, repeats: int, device: str, with_compile: bool, peak32: float, peak16: float
+    name: str,
+    config: dict[str, Any],
+    batch_size: int,
+    repeats: int,
+    device: str,
+    with_compile: bool,
+    peak32: float,
+    peak16: float,
+    reference: dict[str, float],
 ) -> tuple[list[str], list[str]]:
     fast = has_fast_bf16(th.device(device).type)
     lines: list[str] = []
@@ -284,29 +332,38 @@ def _bench_config(
         sampling_peak = peak16 if precision == "auto" and fast else peak32
         training_peak = peak16 if training == "bfloat16" else peak32
         bound_s = (flops - sampling_flops) / (training_peak * 1e9) + sampling_flops / (sampling_peak * 1e9)
-        reference = REFERENCE.get(name, (None, None))[actor == "distill"]
-        ref_ratio = f"{reference / REFERENCE_SAC_SMALL:.2f}" if reference is not None and name == "small" else "-"
+        issue_reference = REFERENCE.get(name, (None, None))[actor == "distill"]
+        ref_ratio = f"{issue_reference / REFERENCE_SAC_SMALL:.2f}" if issue_reference is not None and name == "small" else "-"
+        here = reference.get(actor)  # the reference measured on this machine (--reference), if given
         label = "fp32" if precision == "float32" else ("auto: bf16" if fast else "auto: fp32")
         label += " + compile" if compiled else ""
         label += " + bf16 training" if training == "bfloat16" else ""
         lines.append(
             f"| {name} | {actor} | {label} | {rate:.2f} | {sac_rate:.1f} | {rate / sac_rate:.2f} | {ref_ratio} | "
+            f"{f'{rate / here:.2f}' if here else '-'} | "
             f"{latency:.2f} | {startup[actor, precision, compiled, training]:.1f} | {flops / 1e9:.2f} | {flops * rate / 1e9:.0f} | "
             f"{bound_s * rate:.2f} |"
         )
         print(lines[-1], flush=True)
         if precision == "auto":
-            goals += goal_lines(name, actor, label, rate, sac_rate, latency)
+            goals += goal_lines(name, actor, label, rate, sac_rate, latency, here)
     return lines, goals
 
 
-def goal_lines(config: str, actor: str, label: str, rate: float, sac_rate: float, latency: float) -> list[str]:
-    """Issue 8's goals for the fast path, checked against what was measured."""
+def goal_lines(
+    config: str, actor: str, label: str, rate: float, sac_rate: float, latency: float, reference: float | None = None
+) -> list[str]:
+    """
+    Issue 8's goals for the fast path, checked against what was measured; with ``reference`` (the reference's
+    updates/s measured on this machine), also its "x the reference" goals for best-of-N.
+    """
     checks = []  # (what, measured, goal, higher is better)
     if config == "small":
         checks.append(("QC / SAC", rate / sac_rate, 0.5 if actor == "best_of_n" else 1.4, True))
     if config == "paper" and actor == "best_of_n":
         checks.append(("updates/s", rate, 3.0, True))
+    if reference and actor == "best_of_n" and config in REFERENCE_GOALS:
+        checks.append(("QC / reference (this machine)", rate / reference, REFERENCE_GOALS[config], True))
     if config in ("small", "paper") and actor == "best_of_n":
         checks.append(("predict ms/chunk", latency, 2.0 if config == "small" else 5.0, False))
     out = []
@@ -468,8 +525,11 @@ def main() -> None:
     parser.add_argument("--dataset-source", type=Path, default=None, help="OGBench npz repeated for section 4 "
                         "(default: data/cube-single-play-100000-seed0.npz, generated if missing)")
     parser.add_argument("--dataset-transitions", type=int, default=1_000_000)
+    parser.add_argument("--reference", type=Path, default=None, help="JSON of the reference's updates/s measured on "
+                        "this machine (see benchmarks/results/reference_amd_epyc.json): adds QC / reference")
     parser.add_argument("--out", type=str, default=None, help="write the markdown report to this file")
     args = parser.parse_args()
+    reference = load_reference(args.reference) if args.reference else None
 
     batch_size, configs, wrapper_steps, source_size = 256, {name: CONFIGS[name] for name in args.configs}, 5_000, 100_000
     if args.smoke:
@@ -482,7 +542,7 @@ def main() -> None:
     report = [*report_header("Throughput", args.device), ""]
     goals: list[str] = []
     if "updates" in args.sections:
-        lines, goals = bench_updates(configs, batch_size, args.repeats, args.device, with_compile=not args.smoke)
+        lines, goals = bench_updates(configs, batch_size, args.repeats, args.device, with_compile=not args.smoke, reference=reference)
         report += [
             f"## Gradient updates per second (batch {batch_size}, h={CHUNK}, obs {OBS_DIM}, action {ACTION_DIM}, "
             f"flow_steps 10, 2 critics; median of {args.repeats} interleaved blocks)",
@@ -492,7 +552,8 @@ def main() -> None:
             "`reference / SAC`: the authors' JAX code over SB3 SAC, both measured in one session on this machine type "
             f"(issue 8: {REFERENCE['small'][0]:.0f} and {REFERENCE['small'][1]:.0f} updates/s against SAC's "
             f"{REFERENCE_SAC_SMALL:.0f}); paper config, reference: {REFERENCE['paper'][0]} (best-of-N) and "
-            f"{REFERENCE['paper'][1]} (QC-FQL) updates/s. `fraction of bound`: time one update would take at the "
+            f"{REFERENCE['paper'][1]} (QC-FQL) updates/s. `QC / reference`: over the reference's rate measured on this "
+            f"machine ({f'`{args.reference}`' if reference else 'not given: `--reference`'}). `fraction of bound`: time one update would take at the "
             "measured matmul throughput (the gradient path's precision for its FLOPs, the sampling path's for its own) "
             "over the time it took.",
             "",

@@ -1,10 +1,12 @@
 """The benchmark scripts stay runnable: each has a tiny --smoke mode that runs here."""
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch as th
 import torch.nn.functional as F
 
@@ -17,9 +19,10 @@ def table_rows(text, first_cell):
 
 
 def test_throughput_smoke(tmp_path):
-    out = tmp_path / "throughput.md"
+    out, reference = tmp_path / "throughput.md", tmp_path / "reference.json"
+    reference.write_text(json.dumps({"updates_per_s": {"smoke": {"best_of_n": 2.0, "distill": 4.0}}}))
     subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--smoke", "--out", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--smoke", "--reference", str(reference), "--out", str(out)],
         check=True,
         timeout=300,
     )
@@ -30,12 +33,32 @@ def test_throughput_smoke(tmp_path):
         (actor, path) for actor in ("best_of_n", "distill") for path in paths
     ]
     for row in updates:
-        qc, sac, ratio = float(row[3]), float(row[4]), float(row[5])
+        qc, sac, ratio, to_reference = float(row[3]), float(row[4]), float(row[5]), float(row[7])
         assert qc > 0 and sac > 0 and abs(ratio - qc / sac) < 0.01
+        assert abs(to_reference - qc / {"best_of_n": 2.0, "distill": 4.0}[row[1]]) < 0.01
     (wrapper,) = table_rows(report, "Pendulum-v1")
     assert float(wrapper[1]) > 0 and float(wrapper[2]) > 0
     (dataset,) = table_rows(report, "3000")  # 3 copies of a 1001-row episode: 1000 transitions each
     assert float(dataset[1]) > 0 and 1.0 < float(dataset[4]) < 2.5  # buffer bytes / raw bytes used
+
+
+def test_throughput_reference_file_is_checked(tmp_path):
+    """A reference file with an unknown actor or a non-positive rate is refused with a message that names it."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from throughput import load_reference
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    path = tmp_path / "reference.json"
+    path.write_text(json.dumps({"updates_per_s": {"small": {"best_of_n": 28.0, "distill": 72.7}}}))
+    assert load_reference(path) == {"small": {"best_of_n": 28.0, "distill": 72.7}}
+    for bad in ({"small": {"best-of-n": 28.0}}, {"small": {"best_of_n": 0.0}}, {"large": {"best_of_n": 1.0}}):
+        path.write_text(json.dumps({"updates_per_s": bad}))
+        with pytest.raises(ValueError, match="updates_per_s|rates must be positive"):
+            load_reference(path)
+    path.write_text(json.dumps({"small": {"best_of_n": 28.0}}))
+    with pytest.raises(ValueError, match="updates_per_s"):
+        load_reference(path)
 
 
 def test_learning_smoke(tmp_path):
