@@ -107,6 +107,107 @@ def use_tanh_gelu(model: QC) -> None:
                 setattr(module, name, nn.GELU(approximate="tanh"))
 
 
+def float32_sampling(model: QC) -> None:
+    """The no-gradient sampling path in float32 (``sampling_precision="float32"``) instead of bf16 autocast."""
+    model.policy.sampling_precision = "float32"
+
+
+class FunctionalUpdate:
+    """
+    The whole update as one compiled function, as the reference's jitted update is: the gradient of
+    ``QC._losses`` by ``torch.func.grad`` over the policy's trainable parameters, then Adam (torch's formulas, default
+    settings) and the Polyak update as in-place foreach ops on the model's own parameters and optimizer state, with no
+    Python, autograd engine or optimizer call in between. Its first call runs the shipped update once, which creates
+    Adam's state tensors; later calls run the compiled function.
+    """
+
+    def __init__(self, model: QC) -> None:
+        self.model, self.shipped = model, model._update
+        self.compiled: Callable[..., th.Tensor] | None = None
+
+    def __call__(self, replay_data) -> th.Tensor:
+        model = self.model
+        if self.compiled is None:
+            stats = self.shipped(replay_data)
+            self._setup()
+            return stats
+        batch_size = replay_data.rewards.shape[0]
+        inputs = (
+            replay_data.observations,
+            replay_data.next_observations,
+            model._chunks(replay_data),
+            replay_data.rewards,
+            replay_data.masks,
+            replay_data.valid,
+            *model._update_noise(batch_size),
+            model.policy.sampling_bf16(batch_size),
+        )
+        self.lr.fill_(model.critic.optimizer.param_groups[0]["lr"])
+        with model.policy.training_autocast():
+            return self.compiled(inputs)
+
+    def _setup(self) -> None:
+        model = self.model
+        named = dict(model.policy.named_parameters())
+        self.names = [name for name, param in named.items() if param.requires_grad]
+        self.params = [named[name] for name in self.names]
+        state, groups = {}, {}
+        for optimizer in (model.actor.optimizer, model.critic.optimizer):
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    state[param], groups[param] = optimizer.state[param], group
+        self.exp_avgs = [state[p]["exp_avg"] for p in self.params]
+        self.exp_avg_sqs = [state[p]["exp_avg_sq"] for p in self.params]
+        self.steps = [state[p]["step"] for p in self.params]
+        self.beta1, self.beta2 = groups[self.params[0]]["betas"]
+        self.eps = groups[self.params[0]]["eps"]
+        self.lr = th.zeros(())
+        self.wrapper = _LossModule(model)
+        self.compiled = th.compile(self._step, options=compile_options(model.device))
+
+    def _step(self, inputs: tuple) -> th.Tensor:
+        def loss_of(params: list[th.Tensor]) -> tuple[th.Tensor, th.Tensor]:
+            named = {f"policy.{name}": param for name, param in zip(self.names, params)}
+            return th.func.functional_call(self.wrapper, named, inputs, strict=False)
+
+        grads, stats = th.func.grad(loss_of, has_aux=True)(self.params)
+        with th.no_grad():
+            th._foreach_add_(self.steps, 1)
+            th._foreach_lerp_(self.exp_avgs, grads, 1 - self.beta1)
+            th._foreach_mul_(self.exp_avg_sqs, self.beta2)
+            th._foreach_addcmul_(self.exp_avg_sqs, grads, grads, 1 - self.beta2)
+            # step = -lr / (1 - beta1^t) * exp_avg / (sqrt(exp_avg_sq) / sqrt(1 - beta2^t) + eps)
+            step_size = th._foreach_sub(th._foreach_pow(self.beta1, self.steps), 1)
+            th._foreach_div_(step_size, self.lr)
+            th._foreach_reciprocal_(step_size)
+            bias_correction2 = th._foreach_neg(th._foreach_pow(self.beta2, self.steps))
+            th._foreach_add_(bias_correction2, 1)
+            denom = th._foreach_sqrt(self.exp_avg_sqs)
+            th._foreach_div_(denom, th._foreach_sqrt(bias_correction2))
+            th._foreach_add_(denom, self.eps)
+            update = th._foreach_div(self.exp_avgs, denom)
+            th._foreach_mul_(update, step_size)
+            th._foreach_add_(self.params, update)
+            th._foreach_lerp_(self.model._target_params, self.model._online_params, self.model.tau)
+        return stats
+
+
+class _LossModule(nn.Module):
+    """``QC._losses`` as a module's forward, so ``functional_call`` can swap the policy's parameters under it."""
+
+    def __init__(self, model: QC) -> None:
+        super().__init__()
+        self.policy = model.policy
+        object.__setattr__(self, "model", model)  # not a submodule: its parameters are the policy's
+
+    def forward(self, *inputs: object) -> tuple[th.Tensor, th.Tensor]:
+        return self.model._losses(*inputs)
+
+
+def functional_update(model: QC) -> None:
+    model._update = FunctionalUpdate(model)  # type: ignore[method-assign]
+
+
 def inductor_options(**options: object) -> Callable[[QC], None]:
     """Compile the model's loss and acting functions with these inductor options instead of the shipped ones."""
 
@@ -164,6 +265,12 @@ LEVERS = {
         "the flow's hidden Linear+GELU pairs as one oneDNN matmul with a GELU post-op (no-gradient path)",
         fuse_flow_linear_gelu,
         needs_mkldnn=True,
+    ),
+    "fp32-sampling": Lever("`sampling_precision='float32'`: the sampling path (critic target, distillation target) without bf16", float32_sampling),
+    "functional-update": Lever(
+        "the whole update (gradient by `torch.func.grad`, Adam, Polyak) as one compiled function, no autograd engine "
+        "or optimizer call in between",
+        functional_update,
     ),
     "tanh-gelu": Lever("tanh-approximated GELU (the reference's activation, `jax.nn.gelu`) instead of erf GELU", use_tanh_gelu),
     "bf16-fpmath": Lever(
