@@ -3,7 +3,8 @@ Speed levers for the compiled fast path, measured one against the other in one p
 keep what pays"). The baseline is the shipped fast path (``compile_update``, ``compile_sampling``,
 ``sampling_precision="auto"``, inductor options from :func:`sb3_qchunk.qc.policies.compile_options`); each lever
 changes one thing on top of it: an inductor option taken back or set otherwise (what the shipped options gain),
-a kernel swapped in the no-gradient path, a global torch switch. A later session can re-check a lever on another
+a kernel swapped in the no-gradient path, a global torch switch, the sampling precision, the way the update is
+compiled (``functional-update``), or, measured for speed only, a model change (``tanh-gelu``). A later session can re-check a lever on another
 machine, or add one, here without touching the library.
 
 Method: every lever gets its own model (same seed, same synthetic buffer as ``throughput.py``); the models take
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch as th
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.adam import adam
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import CONFIGS, SMOKE_CONFIG, make_qc, report_header, write_report  # noqa: E402
@@ -115,10 +117,10 @@ def float32_sampling(model: QC) -> None:
 class FunctionalUpdate:
     """
     The whole update as one compiled function, as the reference's jitted update is: the gradient of
-    ``QC._losses`` by ``torch.func.grad`` over the policy's trainable parameters, then Adam (torch's formulas, default
-    settings) and the Polyak update as in-place foreach ops on the model's own parameters and optimizer state, with no
-    Python, autograd engine or optimizer call in between. Its first call runs the shipped update once, which creates
-    Adam's state tensors; later calls run the compiled function.
+    ``QC._losses`` by ``torch.func.grad`` over the policy's trainable parameters, then torch's own functional Adam
+    (``torch.optim.adam.adam``, on the optimizers' state tensors, with their settings) and the Polyak update, with no
+    autograd engine or ``Optimizer.step`` (which graph-breaks by design) in between. Its first call runs the shipped
+    update once, which creates Adam's state; later calls run the compiled function. Adam and AdamW only.
     """
 
     def __init__(self, model: QC) -> None:
@@ -129,7 +131,10 @@ class FunctionalUpdate:
         model = self.model
         if self.compiled is None:
             stats = self.shipped(replay_data)
-            self._setup()
+            named = dict(model.policy.named_parameters())
+            self.names = [name for name, param in named.items() if param.requires_grad]
+            self.wrapper = _LossModule(model)
+            self.compiled = th.compile(self._step, options=compile_options(model.device))
             return stats
         batch_size = replay_data.rewards.shape[0]
         inputs = (
@@ -142,53 +147,43 @@ class FunctionalUpdate:
             *model._update_noise(batch_size),
             model.policy.sampling_bf16(batch_size),
         )
-        self.lr.fill_(model.critic.optimizer.param_groups[0]["lr"])
         with model.policy.training_autocast():
             return self.compiled(inputs)
 
-    def _setup(self) -> None:
+    def _step(self, inputs: tuple) -> th.Tensor:
         model = self.model
         named = dict(model.policy.named_parameters())
-        self.names = [name for name, param in named.items() if param.requires_grad]
-        self.params = [named[name] for name in self.names]
-        state, groups = {}, {}
-        for optimizer in (model.actor.optimizer, model.critic.optimizer):
-            for group in optimizer.param_groups:
-                for param in group["params"]:
-                    state[param], groups[param] = optimizer.state[param], group
-        self.exp_avgs = [state[p]["exp_avg"] for p in self.params]
-        self.exp_avg_sqs = [state[p]["exp_avg_sq"] for p in self.params]
-        self.steps = [state[p]["step"] for p in self.params]
-        self.beta1, self.beta2 = groups[self.params[0]]["betas"]
-        self.eps = groups[self.params[0]]["eps"]
-        self.lr = th.zeros(())
-        self.wrapper = _LossModule(model)
-        self.compiled = th.compile(self._step, options=compile_options(model.device))
+        params = [named[name] for name in self.names]
 
-    def _step(self, inputs: tuple) -> th.Tensor:
-        def loss_of(params: list[th.Tensor]) -> tuple[th.Tensor, th.Tensor]:
-            named = {f"policy.{name}": param for name, param in zip(self.names, params)}
-            return th.func.functional_call(self.wrapper, named, inputs, strict=False)
+        def loss_of(values: list[th.Tensor]) -> tuple[th.Tensor, th.Tensor]:
+            swapped = {f"policy.{name}": value for name, value in zip(self.names, values)}
+            return th.func.functional_call(self.wrapper, swapped, inputs, strict=False)
 
-        grads, stats = th.func.grad(loss_of, has_aux=True)(self.params)
+        grads, stats = th.func.grad(loss_of, has_aux=True)(params)
+        grad_of = dict(zip(params, grads))
         with th.no_grad():
-            th._foreach_add_(self.steps, 1)
-            th._foreach_lerp_(self.exp_avgs, grads, 1 - self.beta1)
-            th._foreach_mul_(self.exp_avg_sqs, self.beta2)
-            th._foreach_addcmul_(self.exp_avg_sqs, grads, grads, 1 - self.beta2)
-            # step = -lr / (1 - beta1^t) * exp_avg / (sqrt(exp_avg_sq) / sqrt(1 - beta2^t) + eps)
-            step_size = th._foreach_sub(th._foreach_pow(self.beta1, self.steps), 1)
-            th._foreach_div_(step_size, self.lr)
-            th._foreach_reciprocal_(step_size)
-            bias_correction2 = th._foreach_neg(th._foreach_pow(self.beta2, self.steps))
-            th._foreach_add_(bias_correction2, 1)
-            denom = th._foreach_sqrt(self.exp_avg_sqs)
-            th._foreach_div_(denom, th._foreach_sqrt(bias_correction2))
-            th._foreach_add_(denom, self.eps)
-            update = th._foreach_div(self.exp_avgs, denom)
-            th._foreach_mul_(update, step_size)
-            th._foreach_add_(self.params, update)
-            th._foreach_lerp_(self.model._target_params, self.model._online_params, self.model.tau)
+            for optimizer in (model.critic.optimizer, model.actor.optimizer):
+                for group in optimizer.param_groups:
+                    state = [optimizer.state[param] for param in group["params"]]
+                    adam(
+                        group["params"],
+                        [grad_of[param] for param in group["params"]],
+                        [s["exp_avg"] for s in state],
+                        [s["exp_avg_sq"] for s in state],
+                        [],
+                        [s["step"] for s in state],
+                        foreach=True,
+                        capturable=True,  # the step count as a tensor: no host sync in the graph
+                        amsgrad=group["amsgrad"],
+                        beta1=group["betas"][0],
+                        beta2=group["betas"][1],
+                        lr=group["lr"],
+                        weight_decay=group["weight_decay"],
+                        eps=group["eps"],
+                        maximize=group["maximize"],
+                        decoupled_weight_decay=group.get("decoupled_weight_decay", False),
+                    )
+            th._foreach_lerp_(model._target_params, model._online_params, model.tau)
         return stats
 
 
@@ -268,8 +263,8 @@ LEVERS = {
     ),
     "fp32-sampling": Lever("`sampling_precision='float32'`: the sampling path (critic target, distillation target) without bf16", float32_sampling),
     "functional-update": Lever(
-        "the whole update (gradient by `torch.func.grad`, Adam, Polyak) as one compiled function, no autograd engine "
-        "or optimizer call in between",
+        "the whole update (gradient by `torch.func.grad`, torch's functional Adam, Polyak) as one compiled function, "
+        "no autograd engine or `Optimizer.step` in between",
         functional_update,
     ),
     "tanh-gelu": Lever("tanh-approximated GELU (the reference's activation, `jax.nn.gelu`) instead of erf GELU", use_tanh_gelu),

@@ -5,16 +5,17 @@ Throughput of sb3-qchunk on this machine, in one run:
    ratio), for the plain float32 path and the fast path (``sampling_precision="auto"``: bf16 sampling on devices
    with native bf16), and the latency of choosing one chunk. Small config: 256x256, N=8; paper config: 4x512,
    N=32; both batch 256, h=5, obs 28, action 5 (OGBench cube-single's sizes), flow_steps 10, 2 critics.
-2. The FLOPs of one update (``torch.utils.flop_counter``) against the measured matmul throughput of torch on
-   this device (fp32, and bf16 for the sampling path when it runs in bf16): the fraction of that bound reached.
-3. Chunk-wrapper overhead: primitive steps per second of a raw env against the same env inside
-   ``ChunkedActionWrapper`` (h=5), on OGBench cube-single and on Pendulum-v1 (a cheap env).
    With ``--reference FILE`` (a JSON of the authors' JAX code's rates measured on this machine, e.g.
    ``benchmarks/results/reference_amd_epyc.json``), each row also gets its ratio to the reference's rate for the
    same config and actor, and issue 8's goals are checked against it (1.5x the reference for small best-of-N,
    2x for paper best-of-N).
+2. The FLOPs of one update (``torch.utils.flop_counter``) against the measured matmul throughput of torch on
+   this device (fp32, and bf16 for the sampling path when it runs in bf16): the fraction of that bound reached.
+3. Chunk-wrapper overhead: primitive steps per second of a raw env against the same env inside
+   ``ChunkedActionWrapper`` (h=5), on OGBench cube-single and on Pendulum-v1 (a cheap env).
 4. Dataset load time and replay-buffer memory for 1M OGBench transitions against the raw arrays' size.
-5. A torch.profiler breakdown of an update (the first config), plain and fast path.
+5. A torch.profiler breakdown of an update (the first config), plain and fast path: matmuls, inductor-generated
+   kernels (by name: compiled rows are profiled without ``cpp_wrapper``) and everything else.
 
 Buffers for (1) hold synthetic transitions, so those numbers measure the update itself, not env stepping.
 Each rate is the median of ``--repeats`` timed blocks, the algorithms interleaved block by block, so that a
