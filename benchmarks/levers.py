@@ -4,7 +4,7 @@ keep what pays"). The baseline is the shipped fast path (``compile_update``, ``c
 ``sampling_precision="auto"``, inductor options from :func:`sb3_qchunk.qc.policies.compile_options`); each lever
 changes one thing on top of it: an inductor option taken back or set otherwise (what the shipped options gain),
 a kernel swapped in the no-gradient path, a global torch switch, the sampling precision, the way the update is
-compiled (``functional-update``), or, measured for speed only, a model change (``tanh-gelu``). A later session can re-check a lever on another
+compiled (``one-graph-update``, ``two-graph-update``), or, measured for speed only, a model change (``tanh-gelu``). A later session can re-check a lever on another
 machine, or add one, here without touching the library.
 
 Method: every lever gets its own model (same seed, same synthetic buffer as ``throughput.py``); the models take
@@ -31,7 +31,6 @@ from pathlib import Path
 import torch as th
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.adam import adam
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import CONFIGS, SMOKE_CONFIG, make_qc, report_header, write_report  # noqa: E402
@@ -114,93 +113,17 @@ def float32_sampling(model: QC) -> None:
     model.policy.sampling_precision = "float32"
 
 
-class FunctionalUpdate:
+def update_graphs(one_graph: bool) -> Callable[[QC], None]:
     """
-    The whole update as one compiled function, as the reference's jitted update is: the gradient of
-    ``QC._losses`` by ``torch.func.grad`` over the policy's trainable parameters, then torch's own functional Adam
-    (``torch.optim.adam.adam``, on the optimizers' state tensors, with their settings) and the Polyak update, with no
-    autograd engine or ``Optimizer.step`` (which graph-breaks by design) in between. Its first call runs the shipped
-    update once, which creates Adam's state; later calls run the compiled function. Adam and AdamW only.
+    Compile the whole update as one graph (``QC._one_graph_step``: gradient, Adam and Polyak update together) or as
+    the losses' forward and backward graphs with the optimizer steps in Python, whatever the actor (QC ships the
+    first for QC-FQL, the second for best-of-N).
     """
 
-    def __init__(self, model: QC) -> None:
-        self.model, self.shipped = model, model._update
-        self.compiled: Callable[..., th.Tensor] | None = None
+    def apply(model: QC) -> None:
+        model._one_graph_update = lambda: one_graph  # type: ignore[method-assign]
 
-    def __call__(self, replay_data) -> th.Tensor:
-        model = self.model
-        if self.compiled is None:
-            stats = self.shipped(replay_data)
-            named = dict(model.policy.named_parameters())
-            self.names = [name for name, param in named.items() if param.requires_grad]
-            self.wrapper = _LossModule(model)
-            self.compiled = th.compile(self._step, options=compile_options(model.device))
-            return stats
-        batch_size = replay_data.rewards.shape[0]
-        inputs = (
-            replay_data.observations,
-            replay_data.next_observations,
-            model._chunks(replay_data),
-            replay_data.rewards,
-            replay_data.masks,
-            replay_data.valid,
-            *model._update_noise(batch_size),
-            model.policy.sampling_bf16(batch_size),
-        )
-        with model.policy.training_autocast():
-            return self.compiled(inputs)
-
-    def _step(self, inputs: tuple) -> th.Tensor:
-        model = self.model
-        named = dict(model.policy.named_parameters())
-        params = [named[name] for name in self.names]
-
-        def loss_of(values: list[th.Tensor]) -> tuple[th.Tensor, th.Tensor]:
-            swapped = {f"policy.{name}": value for name, value in zip(self.names, values)}
-            return th.func.functional_call(self.wrapper, swapped, inputs, strict=False)
-
-        grads, stats = th.func.grad(loss_of, has_aux=True)(params)
-        grad_of = dict(zip(params, grads))
-        with th.no_grad():
-            for optimizer in (model.critic.optimizer, model.actor.optimizer):
-                for group in optimizer.param_groups:
-                    state = [optimizer.state[param] for param in group["params"]]
-                    adam(
-                        group["params"],
-                        [grad_of[param] for param in group["params"]],
-                        [s["exp_avg"] for s in state],
-                        [s["exp_avg_sq"] for s in state],
-                        [],
-                        [s["step"] for s in state],
-                        foreach=True,
-                        capturable=True,  # the step count as a tensor: no host sync in the graph
-                        amsgrad=group["amsgrad"],
-                        beta1=group["betas"][0],
-                        beta2=group["betas"][1],
-                        lr=group["lr"],
-                        weight_decay=group["weight_decay"],
-                        eps=group["eps"],
-                        maximize=group["maximize"],
-                        decoupled_weight_decay=group.get("decoupled_weight_decay", False),
-                    )
-            th._foreach_lerp_(model._target_params, model._online_params, model.tau)
-        return stats
-
-
-class _LossModule(nn.Module):
-    """``QC._losses`` as a module's forward, so ``functional_call`` can swap the policy's parameters under it."""
-
-    def __init__(self, model: QC) -> None:
-        super().__init__()
-        self.policy = model.policy
-        object.__setattr__(self, "model", model)  # not a submodule: its parameters are the policy's
-
-    def forward(self, *inputs: object) -> tuple[th.Tensor, th.Tensor]:
-        return self.model._losses(*inputs)
-
-
-def functional_update(model: QC) -> None:
-    model._update = FunctionalUpdate(model)  # type: ignore[method-assign]
+    return apply
 
 
 def inductor_options(**options: object) -> Callable[[QC], None]:
@@ -262,10 +185,10 @@ LEVERS = {
         needs_mkldnn=True,
     ),
     "fp32-sampling": Lever("`sampling_precision='float32'`: the sampling path (critic target, distillation target) without bf16", float32_sampling),
-    "functional-update": Lever(
-        "the whole update (gradient by `torch.func.grad`, torch's functional Adam, Polyak) as one compiled function, "
-        "no autograd engine or `Optimizer.step` in between",
-        functional_update,
+    "one-graph-update": Lever("the whole update as one compiled graph (`QC._one_graph_step`), for either actor", update_graphs(True)),
+    "two-graph-update": Lever(
+        "the losses compiled as a forward and a backward graph, `Optimizer.step` and Polyak update in Python, for either actor",
+        update_graphs(False),
     ),
     "tanh-gelu": Lever("tanh-approximated GELU (the reference's activation, `jax.nn.gelu`) instead of erf GELU", use_tanh_gelu),
     "bf16-fpmath": Lever(

@@ -77,7 +77,7 @@ def test_learning_smoke(tmp_path):
 
 def test_levers_smoke(tmp_path):
     out = tmp_path / "levers.md"
-    levers = ["baseline", "aten-gelu", "onednn-linear-gelu", "functional-update"]
+    levers = ["baseline", "aten-gelu", "onednn-linear-gelu", "two-graph-update"]
     command = [sys.executable, str(ROOT / "benchmarks" / "levers.py"), "--smoke", "--actors", "distill", "--threads", "1"]
     subprocess.run([*command, "--levers", *levers, "--out", str(out)], check=True, timeout=300)
     rows = table_rows(out.read_text(), "distill")
@@ -109,21 +109,19 @@ def test_levers_compute_the_same_function():
     th.testing.assert_close(y.detach(), expected)
 
 
-def test_functional_update_lever_matches_the_shipped_update():
-    """The one-graph update of levers.py (torch.func.grad + foreach Adam + Polyak) takes the shipped update's steps."""
+def test_one_graph_update_of_best_of_n_matches_the_shipped_update():
+    """The one-graph update (shipped for QC-FQL, a lever for best-of-N) takes best-of-N's shipped steps too."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        from levers import functional_update
+        from levers import update_graphs
         from throughput import make_qc
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    for actor in ("distill", "best_of_n"):
-        shipped = make_qc(actor, [16, 16], 2, 8, "float32", "cpu")  # seeds torch and numpy: same batches and noise
-        shipped.train(3, 8)
-        functional = make_qc(actor, [16, 16], 2, 8, "float32", "cpu")
-        functional_update(functional)
-        functional.train(3, 8)  # one shipped update (creates Adam's state), then two compiled ones
-        for a, b in zip(shipped.policy.state_dict().values(), functional.policy.state_dict().values()):
-            th.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-        step = functional.critic.optimizer.state_dict()["state"][0]["step"]
-        assert step.item() == 3.0
+    shipped = make_qc("best_of_n", [16, 16], 2, 8, "float32", "cpu")  # seeds torch and numpy: same batches and noise
+    shipped.train(3, 8)
+    one_graph = make_qc("best_of_n", [16, 16], 2, 8, "float32", "cpu", compiled=True)
+    update_graphs(True)(one_graph)
+    one_graph.train(3, 8)  # one eager update (creates Adam's state), then two compiled ones
+    assert one_graph._compiled_step is not None and one_graph._compiled_losses is None
+    for a, b in zip(shipped.policy.state_dict().values(), one_graph.policy.state_dict().values()):
+        th.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -147,7 +147,7 @@ def test_learn_counts_primitive_steps(tmp_path):
 def test_save_load_predicts_the_same_chunk_and_resumes(tmp_path, compile_update):
     model = small_qc(chunk_size=3, actor_type="distill", compile_update=compile_update)
     model.learn(81)
-    assert (model._compiled_losses is not None) == compile_update
+    assert (model._compiled_step is not None) == compile_update  # QC-FQL compiles its whole update as one graph
     model.save(tmp_path / "qc.zip")
     model.save_replay_buffer(tmp_path / "buffer.pkl")
     obs = np.array([0.5, -0.5, 0.1], dtype=np.float32)
@@ -156,7 +156,7 @@ def test_save_load_predicts_the_same_chunk_and_resumes(tmp_path, compile_update)
 
     loaded = QC.load(tmp_path / "qc.zip", env=gym.make("Pendulum-v1"))
     assert loaded.chunk_size == 3 and loaded.actor_type == "distill" and loaded.env.get_attr("chunk_size") == [3]
-    assert loaded.compile_update == compile_update and loaded._compiled_losses is None  # compiled again on first use
+    assert loaded.compile_update == compile_update and loaded._compiled_step is None  # compiled again on first use
     th.manual_seed(7)
     np.testing.assert_allclose(loaded.predict(obs)[0], expected, rtol=1e-6)
     for (name, p1), p2 in zip(model.policy.state_dict().items(), loaded.policy.state_dict().values()):
@@ -347,9 +347,41 @@ def test_compiled_update_matches_eager(actor_type):
     data = eager.replay_buffer.sample(16)
     for _ in range(2):
         assert_same_step_stats(eager, compiled, data, rel=1e-4, abs=1e-5)
-    assert compiled._compiled_losses is not None and eager._compiled_losses is None
+    # QC-FQL compiles its whole update (gradient, Adam, Polyak) as one graph, best-of-N its losses.
+    assert (compiled._compiled_step if actor_type == "distill" else compiled._compiled_losses) is not None
+    assert eager._compiled_losses is None and eager._compiled_step is None
     for name, param in eager.policy.state_dict().items():
         np.testing.assert_allclose(compiled.policy.state_dict()[name].numpy(), param.numpy(), atol=1e-5, err_msg=name)
+
+
+def test_one_graph_update_follows_new_optimizer_state_and_learning_rate():
+    """
+    QC-FQL's compiled one-graph update reads the optimizers' state and settings at each call: after its compilation,
+    loading another optimizer state and changing the learning rate gives the eager update's steps, not stale ones.
+    """
+    kwargs = dict(chunk_size=3, actor_type="distill", policy_kwargs=dict(net_arch=[16, 16], sampling_precision="float32"))
+    eager = small_qc(**kwargs)
+    eager.learn(60)
+    compiled = small_qc(**kwargs, compile_update=True)
+    compiled.learn(45)
+    assert compiled._compiled_step is not None and compiled._compiled_losses is None
+    compiled.policy.load_state_dict(eager.policy.state_dict())
+    for name in ("actor", "critic"):
+        getattr(compiled, name).optimizer.load_state_dict(copy.deepcopy(getattr(eager, name).optimizer.state_dict()))
+        for model in (eager, compiled):
+            for group in getattr(model, name).optimizer.param_groups:
+                group["lr"] = 1e-3
+    data = eager.replay_buffer.sample(16)
+    for _ in range(2):
+        assert_same_step_stats(eager, compiled, data, rel=1e-4, abs=1e-5)
+    for name, param in eager.policy.state_dict().items():
+        np.testing.assert_allclose(compiled.policy.state_dict()[name].numpy(), param.numpy(), atol=1e-5, err_msg=name)
+    for name in ("actor", "critic"):
+        for expected, state in zip(
+            getattr(eager, name).optimizer.state.values(), getattr(compiled, name).optimizer.state.values()
+        ):
+            assert float(state["step"]) == float(expected["step"])
+            np.testing.assert_allclose(state["exp_avg_sq"].numpy(), expected["exp_avg_sq"].numpy(), rtol=1e-4, atol=1e-9)
 
 
 @pytest.mark.parametrize("actor_type", ["best_of_n", "distill"])

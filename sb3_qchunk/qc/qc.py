@@ -19,6 +19,8 @@ from stable_baselines3.common.save_util import load_from_pkl, load_from_zip_file
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, RolloutReturn, Schedule, TrainFreq
 from stable_baselines3.common.utils import should_collect_more_steps
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize, unwrap_vec_wrapper
+from torch import nn
+from torch.optim.adam import adam
 from tqdm.auto import tqdm
 
 from sb3_qchunk.common.buffers import ChunkReplayBuffer, ChunkReplayBufferSamples
@@ -105,6 +107,23 @@ def _check_box(action_space: spaces.Space) -> None:
         raise ValueError(f"QC needs a Box (continuous) action space, got {type(action_space).__name__}: {action_space}")
 
 
+class LossesModule(nn.Module):
+    """
+    :meth:`QC._losses` as the forward of a module that holds the policy, so that ``torch.func.functional_call`` can
+    evaluate the losses at other values of the policy's parameters (what ``torch.func.grad`` differentiates).
+
+    :param model: the QC model
+    """
+
+    def __init__(self, model: "QC") -> None:
+        super().__init__()
+        self.policy = model.policy
+        self.losses = model._losses  # a bound method: neither a submodule nor a parameter
+
+    def forward(self, *inputs: Any) -> tuple[th.Tensor, th.Tensor]:
+        return self.losses(*inputs)
+
+
 class QC(OffPolicyAlgorithm):
     """
     Q-chunking (QC): off-policy RL in the space of action chunks.
@@ -153,7 +172,11 @@ class QC(OffPolicyAlgorithm):
         sampling, both losses) into one forward and one backward graph. On a 2-core CPU, against the eager update
         with bf16 sampling: best-of-N 1.6-1.8x the updates/s, QC-FQL 1.1-1.4x (``benchmarks/results/throughput.md``),
         for 30-40 s of compilation at the first update on a machine (~5 s once torch's on-disk cache holds the
-        kernels). Compiled and eager updates draw the same random numbers and agree to float rounding
+        kernels). Compiled and eager updates draw the same random numbers and agree to float rounding. For
+        ``actor_type="distill"`` with Adam or AdamW (the default), the whole update is compiled as one function
+        instead (:meth:`_one_graph_step`: gradient, Adam step and Polyak update, nothing in Python between them):
+        1.08x the updates/s of the two-graph update for QC-FQL, while best-of-N runs slower that way (0.90x), so it
+        keeps two graphs (``benchmarks/results/levers_functional_update_amd_epyc.md``)
     :param learning_rate: learning rate for Adam, constant or a function of the remaining progress
     :param buffer_size: size of the (online) replay buffer, in primitive transitions
     :param learning_starts: primitive steps to collect before learning starts (random actions before that,
@@ -240,6 +263,8 @@ class QC(OffPolicyAlgorithm):
         self.action_chunking = action_chunking
         self.compile_update = compile_update
         self._compiled_losses: Callable[..., tuple[th.Tensor, th.Tensor]] | None = None
+        self._compiled_step: Callable[..., th.Tensor] | None = None
+        self._losses_module: LossesModule | None = None
         if _init_setup_model:
             # (``load`` wraps the env itself, with the saved chunk size, before it builds the model.)
             env = wrap_chunked(env, self.env_chunk_size, gamma)
@@ -522,23 +547,101 @@ class QC(OffPolicyAlgorithm):
     def _update(self, replay_data: ChunkReplayBufferSamples) -> th.Tensor:
         """One gradient step of the critic and the actor, then the Polyak update of the target critic."""
         batch_size = replay_data.rewards.shape[0]
+        inputs = (
+            replay_data.observations,
+            replay_data.next_observations,
+            self._chunks(replay_data),
+            replay_data.rewards,
+            replay_data.masks,
+            replay_data.valid,
+            *self._update_noise(batch_size),
+            self.policy.sampling_bf16(batch_size),
+        )
+        one_graph = self._one_graph_update()
+        if one_graph and self._optimizers_have_state():
+            if self._compiled_step is None:
+                self._losses_module = LossesModule(self)
+                self._compiled_step = th.compile(self._one_graph_step, options=compile_options(self.device))
+            with self.policy.training_autocast():
+                return self._compiled_step(*inputs)
+        # (The one-graph path's first update runs eagerly: it creates Adam's state, which the compiled step updates.)
+        loss_fn = self._losses if one_graph else self._loss_fn()
         with self.policy.training_autocast():
-            loss, stats = self._loss_fn()(
-                replay_data.observations,
-                replay_data.next_observations,
-                self._chunks(replay_data),
-                replay_data.rewards,
-                replay_data.masks,
-                replay_data.valid,
-                *self._update_noise(batch_size),
-                self.policy.sampling_bf16(batch_size),
-            )
+            loss, stats = loss_fn(*inputs)
         self.critic.optimizer.zero_grad()
         self.actor.optimizer.zero_grad()
         loss.backward()
         self.critic.optimizer.step()
         self.actor.optimizer.step()
         with th.no_grad():  # Polyak averaging, all tensors at once
+            th._foreach_lerp_(self._target_params, self._online_params, self.tau)
+        return stats
+
+    def _one_graph_update(self) -> bool:
+        """
+        Whether updates run as :meth:`_one_graph_step`: with ``compile_update``, for QC-FQL (where it pays), with
+        Adam/AdamW optimizers (whose step it calls functionally; without AMSGrad).
+        """
+        return (
+            self.compile_update
+            and self.actor_type == "distill"
+            and all(
+                isinstance(optimizer, th.optim.Adam)
+                and not any(group["amsgrad"] or group["differentiable"] for group in optimizer.param_groups)
+                for optimizer in (self.critic.optimizer, self.actor.optimizer)
+            )
+        )
+
+    def _optimizers_have_state(self) -> bool:
+        """Whether both optimizers hold the state of every parameter (they create it at their first step)."""
+        return all(
+            len(optimizer.state) == sum(len(group["params"]) for group in optimizer.param_groups)
+            for optimizer in (self.critic.optimizer, self.actor.optimizer)
+        )
+
+    def _one_graph_step(self, *inputs: Any) -> th.Tensor:
+        """
+        One whole update as a single function for ``torch.compile``, as the reference jits its update: the gradient of
+        :meth:`_losses` with respect to the policy's trainable parameters by ``torch.func.grad``, then torch's
+        functional Adam (``torch.optim.adam.adam``, on the optimizers' own state and settings) and the Polyak update in
+        place. ``Optimizer.step`` cannot be part of a compiled graph (it graph-breaks by design), hence the functional
+        call. Takes the same steps as :meth:`_losses` + ``backward`` + ``Optimizer.step`` (tested).
+
+        :param inputs: the arguments of :meth:`_losses`
+        :return: the statistics of :attr:`STATS`
+        """
+        named = dict(self.policy.named_parameters())
+        names = [name for name, param in named.items() if param.requires_grad]  # the actor's and the critic's
+        params = [named[name] for name in names]
+
+        def losses_of(values: list[th.Tensor]) -> tuple[th.Tensor, th.Tensor]:
+            swapped = {f"policy.{name}": value for name, value in zip(names, values)}
+            return th.func.functional_call(self._losses_module, swapped, inputs, strict=False)
+
+        grads, stats = th.func.grad(losses_of, has_aux=True)(params)
+        grad_of = dict(zip(params, grads))
+        with th.no_grad():
+            for optimizer in (self.critic.optimizer, self.actor.optimizer):
+                for group in optimizer.param_groups:
+                    state = [optimizer.state[param] for param in group["params"]]
+                    adam(
+                        group["params"],
+                        [grad_of[param] for param in group["params"]],
+                        [s["exp_avg"] for s in state],
+                        [s["exp_avg_sq"] for s in state],
+                        [],
+                        [s["step"] for s in state],
+                        foreach=True,
+                        capturable=True,  # the step count stays a tensor: no host sync inside the graph
+                        amsgrad=False,
+                        beta1=group["betas"][0],
+                        beta2=group["betas"][1],
+                        lr=group["lr"],
+                        weight_decay=group["weight_decay"],
+                        eps=group["eps"],
+                        maximize=group["maximize"],
+                        decoupled_weight_decay=group.get("decoupled_weight_decay", False),
+                    )
             th._foreach_lerp_(self._target_params, self._online_params, self.tau)
         return stats
 
@@ -715,6 +818,8 @@ class QC(OffPolicyAlgorithm):
             "_online_params",
             "_target_params",
             "_compiled_losses",
+            "_compiled_step",
+            "_losses_module",
         ]
 
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
