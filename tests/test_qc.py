@@ -384,6 +384,26 @@ def test_one_graph_update_follows_new_optimizer_state_and_learning_rate():
             np.testing.assert_allclose(state["exp_avg_sq"].numpy(), expected["exp_avg_sq"].numpy(), rtol=1e-4, atol=1e-9)
 
 
+def test_one_graph_update_is_compiled_once_for_many_models():
+    """
+    Models of one configuration share the compiled one-graph update (as RL Zoo's hyperparameter search builds many
+    in one process): nothing in it is specialised to one model's objects, so no model compiles it again (dynamo
+    would fall back to eager after 8 recompilations).
+    """
+    from torch._dynamo.utils import counters
+
+    kwargs = dict(chunk_size=3, actor_type="distill", compile_update=True, policy_kwargs=dict(net_arch=[16, 16]))
+    first = small_qc(**kwargs)
+    first.learn(45)
+    assert first._compiled_step is not None
+    graphs = counters["stats"]["unique_graphs"]
+    for _ in range(3):
+        other = small_qc(**kwargs)
+        other.learn(45)
+        assert other._compiled_step is not None and other._n_updates == first._n_updates
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 @pytest.mark.parametrize("actor_type", ["best_of_n", "distill"])
 def test_bf16_training_agrees_with_float32(actor_type):
     """

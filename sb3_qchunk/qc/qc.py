@@ -563,7 +563,7 @@ class QC(OffPolicyAlgorithm):
                 self._losses_module = LossesModule(self)
                 self._compiled_step = th.compile(self._one_graph_step, options=compile_options(self.device))
             with self.policy.training_autocast():
-                return self._compiled_step(*inputs)
+                return self._compiled_step(inputs, *self._one_graph_arguments())
         # (The one-graph path's first update runs eagerly: it creates Adam's state, which the compiled step updates.)
         loss_fn = self._losses if one_graph else self._loss_fn()
         with self.policy.training_autocast():
@@ -599,41 +599,26 @@ class QC(OffPolicyAlgorithm):
             for optimizer in (self.critic.optimizer, self.actor.optimizer)
         )
 
-    def _one_graph_step(self, *inputs: Any) -> th.Tensor:
+    def _one_graph_arguments(self) -> tuple[list[str], list[tuple[list[th.Tensor], ...]], list[dict[str, Any]]]:
         """
-        One whole update as a single function for ``torch.compile``, as the reference jits its update: the gradient of
-        :meth:`_losses` with respect to the policy's trainable parameters by ``torch.func.grad``, then torch's
-        functional Adam (``torch.optim.adam.adam``, on the optimizers' own state and settings) and the Polyak update in
-        place. ``Optimizer.step`` cannot be part of a compiled graph (it graph-breaks by design), hence the functional
-        call. Takes the same steps as :meth:`_losses` + ``backward`` + ``Optimizer.step`` (tested).
+        What :meth:`_one_graph_step` needs of the optimizers, read anew at each update (``load_state_dict`` replaces
+        state tensors, schedules change the learning rate) and passed as plain lists: compiled code that touched the
+        optimizer objects themselves would be specialised to them (one compilation per model).
 
-        :param inputs: the arguments of :meth:`_losses`
-        :return: the statistics of :attr:`STATS`
+        :return: the parameter names in the optimizers' order; per parameter group its parameters, ``exp_avg``,
+            ``exp_avg_sq`` and ``step`` tensors; per group its Adam settings
         """
-        named = dict(self.policy.named_parameters())
-        names = [name for name, param in named.items() if param.requires_grad]  # the actor's and the critic's
-        params = [named[name] for name in names]
-
-        def losses_of(values: list[th.Tensor]) -> tuple[th.Tensor, th.Tensor]:
-            swapped = {f"policy.{name}": value for name, value in zip(names, values)}
-            return th.func.functional_call(self._losses_module, swapped, inputs, strict=False)
-
-        grads, stats = th.func.grad(losses_of, has_aux=True)(params)
-        grad_of = dict(zip(params, grads))
-        with th.no_grad():
-            for optimizer in (self.critic.optimizer, self.actor.optimizer):
-                for group in optimizer.param_groups:
-                    state = [optimizer.state[param] for param in group["params"]]
-                    adam(
-                        group["params"],
-                        [grad_of[param] for param in group["params"]],
-                        [s["exp_avg"] for s in state],
-                        [s["exp_avg_sq"] for s in state],
-                        [],
-                        [s["step"] for s in state],
-                        foreach=True,
-                        capturable=True,  # the step count stays a tensor: no host sync inside the graph
-                        amsgrad=False,
+        name_of = {param: name for name, param in self.policy.named_parameters()}
+        names, tensors, settings = [], [], []
+        for optimizer in (self.critic.optimizer, self.actor.optimizer):
+            for group in optimizer.param_groups:
+                state = [optimizer.state[param] for param in group["params"]]
+                names += [name_of[param] for param in group["params"]]
+                tensors.append(
+                    (group["params"], [s["exp_avg"] for s in state], [s["exp_avg_sq"] for s in state], [s["step"] for s in state])
+                )
+                settings.append(
+                    dict(
                         beta1=group["betas"][0],
                         beta2=group["betas"][1],
                         lr=group["lr"],
@@ -642,6 +627,37 @@ class QC(OffPolicyAlgorithm):
                         maximize=group["maximize"],
                         decoupled_weight_decay=group.get("decoupled_weight_decay", False),
                     )
+                )
+        return names, tensors, settings
+
+    def _one_graph_step(
+        self, inputs: tuple[Any, ...], names: list[str], tensors: list[tuple[list[th.Tensor], ...]], settings: list[dict[str, Any]]
+    ) -> th.Tensor:
+        """
+        One whole update as a single function for ``torch.compile``, as the reference jits its update: the gradient of
+        :meth:`_losses` with respect to the trainable parameters by ``torch.func.grad``, then torch's functional Adam
+        (``torch.optim.adam.adam``) on the optimizers' own state and the Polyak update, in place. ``Optimizer.step``
+        cannot be part of a compiled graph (it graph-breaks by design), hence the functional call. Takes the same steps
+        as :meth:`_losses` + ``backward`` + ``Optimizer.step`` (tested).
+
+        :param inputs: the arguments of :meth:`_losses`
+        :param names, tensors, settings: see :meth:`_one_graph_arguments`
+        :return: the statistics of :attr:`STATS`
+        """
+        params = [param for group_tensors in tensors for param in group_tensors[0]]
+
+        def losses_of(values: list[th.Tensor]) -> tuple[th.Tensor, th.Tensor]:
+            swapped = {f"policy.{name}": value for name, value in zip(names, values)}
+            return th.func.functional_call(self._losses_module, swapped, inputs, strict=False)
+
+        grads, stats = th.func.grad(losses_of, has_aux=True)(params)
+        start = 0
+        with th.no_grad():
+            for (group_params, exp_avgs, exp_avg_sqs, steps), group_settings in zip(tensors, settings):
+                end = start + len(group_params)
+                # capturable: the step count stays a tensor, no host sync inside the graph
+                adam(group_params, grads[start:end], exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, foreach=True, capturable=True, **group_settings)
+                start = end
             th._foreach_lerp_(self._target_params, self._online_params, self.tau)
         return stats
 
