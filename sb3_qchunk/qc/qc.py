@@ -175,7 +175,7 @@ class QC(OffPolicyAlgorithm):
         kernels). Compiled and eager updates draw the same random numbers and agree to float rounding. For
         ``actor_type="distill"`` with Adam or AdamW (the default), the whole update is compiled as one function
         instead (:meth:`_one_graph_step`: gradient, Adam step and Polyak update, nothing in Python between them):
-        1.05-1.08x the updates/s of the two-graph update for QC-FQL, while best-of-N runs slower that way
+        1.05-1.09x the updates/s of the two-graph update for QC-FQL, while best-of-N runs slower that way
         (0.90-0.97x), so it keeps two graphs (``benchmarks/results/levers_update_graphs_amd_epyc.md``)
     :param learning_rate: learning rate for Adam, constant or a function of the remaining progress
     :param buffer_size: size of the (online) replay buffer, in primitive transitions
