@@ -655,8 +655,18 @@ class QC(OffPolicyAlgorithm):
         with th.no_grad():
             for (group_params, exp_avgs, exp_avg_sqs, steps), group_settings in zip(tensors, settings):
                 end = start + len(group_params)
-                # capturable: the step count stays a tensor, no host sync inside the graph
-                adam(group_params, grads[start:end], exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, foreach=True, capturable=True, **group_settings)
+                adam(
+                    group_params,
+                    grads[start:end],
+                    exp_avgs,
+                    exp_avg_sqs,
+                    [],
+                    steps,
+                    amsgrad=False,
+                    foreach=True,
+                    capturable=True,  # the step count stays a tensor: no host sync inside the graph
+                    **group_settings,
+                )
                 start = end
             th._foreach_lerp_(self._target_params, self._online_params, self.tau)
         return stats
