@@ -4,8 +4,8 @@ keep what pays"). The baseline is the shipped fast path (``compile_update``, ``c
 ``sampling_precision="auto"``, inductor options from :func:`sb3_qchunk.qc.policies.compile_options`); each lever
 changes one thing on top of it: an inductor option taken back or set otherwise (what the shipped options gain),
 a kernel swapped in the no-gradient path, a global torch switch, the sampling precision, the way the update is
-compiled (``one-graph-update``, ``two-graph-update``), or, measured for speed only, a model change (``tanh-gelu``). A later session can re-check a lever on another
-machine, or add one, here without touching the library.
+compiled (``one-graph-update``, ``two-graph-update``), or, measured for speed only, a model change (``tanh-gelu``).
+A later session can re-check a lever on another machine, or add one, here without touching the library.
 
 Method: every lever gets its own model (same seed, same synthetic buffer as ``throughput.py``); the models take
 turns in timed blocks of updates, and each block's rate is divided by the baseline's rate in the same round. The

@@ -263,11 +263,31 @@ def bench_updates(
     for name, config in configs.items():
         with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
             rows, config_goals = pool.submit(
-                bench_config, name, config, batch_size, repeats, device, with_compile, peak32, peak16, (reference or {}).get(name, {})
+                with_empty_inductor_cache,
+                bench_config,
+                name,
+                config,
+                batch_size,
+                repeats,
+                device,
+                with_compile,
+                peak32,
+                peak16,
+                (reference or {}).get(name, {}),
             ).result()
         lines += rows
         goals += config_goals
     return lines, goals
+
+
+def with_empty_inductor_cache(function: Callable[..., Any], *args: Any) -> Any:
+    """
+    ``function(*args)`` with an empty inductor cache, so the start-up of the first compiled model is what a first run
+    on a machine pays (later runs find the compiled kernels in the on-disk cache and start in a few seconds).
+    """
+    with tempfile.TemporaryDirectory(prefix="throughput-inductor-") as cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        return function(*args)
 
 
 def bench_config(
@@ -281,27 +301,7 @@ def bench_config(
     peak16: float,
     reference: dict[str, float],
 ) -> tuple[list[str], list[str]]:
-    """
-    The table rows and goal lines of one config (see :func:`bench_updates`). Runs with an empty inductor cache,
-    so the start-up of the first compiled model is what a first run on a machine pays (later runs find the
-    compiled kernels in the on-disk cache and start in a few seconds).
-    """
-    with tempfile.TemporaryDirectory(prefix="throughput-inductor-") as cache:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
-        return _bench_config(name, config, batch_size, repeats, device, with_compile, peak32, peak16, reference)
-
-
-def _bench_config(
-    name: str,
-    config: dict[str, Any],
-    batch_size: int,
-    repeats: int,
-    device: str,
-    with_compile: bool,
-    peak32: float,
-    peak16: float,
-    reference: dict[str, float],
-) -> tuple[list[str], list[str]]:
+    """The table rows and goal lines of one config (see :func:`bench_updates`)."""
     fast = has_fast_bf16(th.device(device).type)
     lines: list[str] = []
     goals: list[str] = []

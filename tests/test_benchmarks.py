@@ -1,6 +1,7 @@
 """The benchmark scripts stay runnable: each has a tiny --smoke mode that runs here."""
 
 import csv
+import importlib
 import json
 import subprocess
 import sys
@@ -11,6 +12,15 @@ import torch as th
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def benchmark_module(name):
+    """A module of ``benchmarks/`` (scripts, not a package), imported by name."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
 
 
 def table_rows(text, first_cell):
@@ -44,11 +54,7 @@ def test_throughput_smoke(tmp_path):
 
 def test_throughput_reference_file_is_checked(tmp_path):
     """A reference file with an unknown actor or a non-positive rate is refused with a message that names it."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from throughput import load_reference
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    load_reference = benchmark_module("throughput").load_reference
     path = tmp_path / "reference.json"
     path.write_text(json.dumps({"updates_per_s": {"small": {"best_of_n": 28.0, "distill": 72.7}}}))
     assert load_reference(path) == {"small": {"best_of_n": 28.0, "distill": 72.7}}
@@ -88,11 +94,8 @@ def test_levers_smoke(tmp_path):
 
 def test_levers_compute_the_same_function():
     """A lever may change how the sampling path computes, never what: same outputs as the modules it replaces."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from levers import SamplingGELU, SamplingLinearGELU
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    levers = benchmark_module("levers")
+    SamplingGELU, SamplingLinearGELU = levers.SamplingGELU, levers.SamplingLinearGELU
     th.manual_seed(0)
     linear, x = th.nn.Linear(16, 32), th.randn(64, 16) * 3
     with th.no_grad():
@@ -111,12 +114,8 @@ def test_levers_compute_the_same_function():
 
 def test_one_graph_update_of_best_of_n_matches_the_shipped_update():
     """The one-graph update (shipped for QC-FQL, a lever for best-of-N) takes best-of-N's shipped steps too."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from levers import update_graphs
-        from throughput import make_qc
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    update_graphs = benchmark_module("levers").update_graphs
+    make_qc = benchmark_module("throughput").make_qc
     shipped = make_qc("best_of_n", [16, 16], 2, 8, "float32", "cpu")  # seeds torch and numpy: same batches and noise
     shipped.train(3, 8)
     one_graph = make_qc("best_of_n", [16, 16], 2, 8, "float32", "cpu", compiled=True)
