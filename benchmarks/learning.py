@@ -53,7 +53,7 @@ from stable_baselines3.common.logger import configure
 from sb3_qchunk import QC
 from sb3_qchunk.common.evaluation import evaluate_success
 from sb3_qchunk.datasets import cached_play_dataset, load_ogbench_npz
-from sb3_qchunk.qc.qc import wrap_chunked
+from sb3_qchunk.common.env_util import wrap_chunked
 
 METHODS: dict[str, dict[str, Any]] = {
     "QC": dict(chunk_size=5, actor_type="best_of_n"),

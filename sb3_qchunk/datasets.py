@@ -26,6 +26,7 @@ import os
 import pathlib
 import re
 import time
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -53,18 +54,69 @@ def _map_obs(fn: Any, obs: Any) -> Any:
     return fn(obs)
 
 
-def _copy_obs(obs: Any) -> ObsArray:
-    """Copy observations as float32 (uint8 images stay uint8); never returns a view of the input."""
+def cast_lossless(x: Any, dtype: np.dtype | type, name: str) -> np.ndarray:
+    """
+    A copy of ``x`` in ``dtype``, refused where the cast would change values: floats that are not integers or out
+    of range for an integer dtype (float images in [0, 1] for a uint8 observation space), integers out of range,
+    integers beyond 2**24 in magnitude for float32, finite values that overflow to inf. Float64 -> float32 rounding
+    is accepted (what the networks compute in).
 
-    def copy(x: Any) -> np.ndarray:
+    :param x: an array
+    :param dtype: the dtype wanted
+    :param name: the key, for the message
+    :return: a new array, never a view of ``x``
+    :raises ValueError: naming the key, how many values would change and the first of them
+    """
+    array, dtype = np.asarray(x), np.dtype(dtype)
+    out = np.array(array, dtype=dtype)
+    if array.dtype == dtype or array.size == 0:
+        return out
+    source = array.dtype.kind
+    if dtype.kind == "f":
+        if source == "f":
+            bad = np.isinf(out) & np.isfinite(array)
+        elif source in "iu":
+            bad = (np.abs(array.astype(np.float64)) > 2**24) & (out.astype(np.float64) != array.astype(np.float64))
+        else:
+            bad = np.zeros(array.shape, dtype=bool)
+    elif dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        if source == "f":
+            with np.errstate(invalid="ignore"):
+                bad = ~np.isfinite(array) | (array != np.round(array)) | (array < info.min) | (array > info.max)
+        elif source in "iu":
+            bad = (array < info.min) | (array > info.max)
+        else:
+            bad = np.zeros(array.shape, dtype=bool)
+    else:
+        bad = np.zeros(array.shape, dtype=bool)
+    if bad.any():
+        first = int(np.argmax(bad.reshape(-1)))
+        row = np.unravel_index(first, array.shape)[0] if array.ndim > 0 else 0
+        raise ValueError(
+            f"key '{name}': casting its {array.dtype} values to {dtype} (the dtype they are stored in) would change "
+            f"{int(bad.sum())} of them (first at row {row}: {array.reshape(-1)[first]}). Convert the data yourself if "
+            f"that is what you want (e.g. images in [0, 1] to uint8 with np.round(x * 255)), or give the env an "
+            f"observation space of their dtype."
+        )
+    return out
+
+
+def _copy_obs(obs: Any, name: str = "observations") -> ObsArray:
+    """Copy observations as float32 (uint8 images stay uint8), refusing lossy casts; never a view of the input."""
+
+    def copy(key: str, x: Any) -> np.ndarray:
         x = np.asarray(x)
-        return np.array(x, dtype=np.uint8 if x.dtype == np.uint8 else np.float32)
+        return cast_lossless(x, np.uint8 if x.dtype == np.uint8 else np.float32, key)
 
-    return _map_obs(copy, obs)
+    if isinstance(obs, Mapping):
+        _map_obs(lambda x: x, obs)  # refuses nested dicts
+        return {key: copy(f"{name}/{key}", value) for key, value in obs.items()}
+    return copy(name, obs)
 
 
-def _float32_copy(x: Any) -> np.ndarray:
-    return np.array(x, dtype=np.float32)
+def _float32_copy(x: Any, name: str) -> np.ndarray:
+    return cast_lossless(x, np.float32, name)
 
 
 def _num_rows(x: Any) -> int:
@@ -149,6 +201,8 @@ def _singletask_env_id(env_id: str, task_id: int | None) -> str | None:
             return None
     elif task_id is None:
         return env_id
+    elif match["task"] is not None and int(match["task"]) != task_id:
+        raise ValueError(f"task_id={task_id} contradicts env {env_id!r} (task {match['task']}): pass one of them, or both alike")
     return f"{match['base']}-singletask-task{task_id}-{match['version']}"
 
 
@@ -196,9 +250,9 @@ def load_ogbench_npz(
     observations = raw["observations"]  # read from the file: a fresh array, masks below copy it again
     ob_dtype = np.uint8 if observations.dtype == np.uint8 else np.float32
     data: dict[str, Any] = {
-        "observations": observations[ob_mask].astype(ob_dtype, copy=False),
-        "next_observations": observations[next_ob_mask].astype(ob_dtype, copy=False),
-        "actions": raw["actions"][ob_mask].astype(np.float32, copy=False),
+        "observations": cast_lossless(observations[ob_mask], ob_dtype, "observations"),
+        "next_observations": cast_lossless(observations[next_ob_mask], ob_dtype, "observations"),
+        "actions": cast_lossless(raw["actions"][ob_mask], np.float32, "actions"),
         "terminals": terminals,
     }
     info = {k: raw[k][ob_mask] for k in OGBENCH_INFO_KEYS if k in raw}
@@ -226,11 +280,11 @@ def load_ogbench_npz(
         data["rewards"] = relabelled["rewards"].astype(np.float32)
         data["terminated"] = (1.0 - relabelled["masks"]).astype(np.float32)
     elif "rewards" in raw:
-        data["rewards"] = _float32_copy(raw["rewards"])[ob_mask]
+        data["rewards"] = _float32_copy(raw["rewards"], "rewards")[ob_mask]
         if "terminated" in raw:
-            data["terminated"] = _float32_copy(raw["terminated"])[ob_mask]
+            data["terminated"] = _float32_copy(raw["terminated"], "terminated")[ob_mask]
         elif "masks" in raw:
-            data["terminated"] = 1.0 - _float32_copy(raw["masks"])[ob_mask]
+            data["terminated"] = 1.0 - _float32_copy(raw["masks"], "masks")[ob_mask]
         else:
             data["terminated"] = np.zeros(len(terminals), dtype=np.float32)
     else:
@@ -310,11 +364,18 @@ def load_npz(path_or_dict: str | os.PathLike | Mapping[str, Any], sparse: bool =
     (everything returned is a copy).
 
     - ``rewards`` and ``terminals`` are required; ``terminated`` defaults to zeros.
-    - Without ``next_observations``, the rows are read in the OGBench layout (see :func:`load_ogbench_npz`):
-      the row where ``terminals`` is 1 only holds its episode's final observation, so it becomes the
-      ``next_observations`` of the row before and is dropped as a transition (its action and reward are
-      discarded); ``terminated`` set on such a row is an error (put it on the row before).
+    - D4RL convention: with a ``timeouts`` key, ``terminals`` are the true terminal states and ``timeouts`` the
+      truncations (as in D4RL's ``get_dataset()`` / ``qlearning_dataset()``): ``terminated`` = ``terminals`` and
+      the episode ends are ``terminals | timeouts``. Without ``next_observations`` the next observation of a row
+      is the following row; rows where ``timeouts`` is 1 and the last row have none recorded and are dropped as
+      transitions (as ``qlearning_dataset`` does; a warning says how many).
+    - Without ``next_observations`` (and without ``timeouts``), the rows are read in the OGBench layout (see
+      :func:`load_ogbench_npz`): the row where ``terminals`` is 1 only holds its episode's final observation, so
+      it becomes the ``next_observations`` of the row before and is dropped as a transition (its action and
+      reward are discarded); ``terminated`` set on such a row is an error (put it on the row before). A warning
+      says that this layout was assumed and how many rows became transitions.
     - Other keys are ignored. An ``.npz`` holds array observations only; a dict can hold dict observations.
+    - Values are cast to float32 (uint8 observations stay uint8); a cast that would change values is an error.
 
     :param path_or_dict: ``.npz`` path or dict of arrays
     :param sparse: the paper's sparse rewards: ``(r != 0) * -1.0``
@@ -328,27 +389,27 @@ def load_npz(path_or_dict: str | os.PathLike | Mapping[str, Any], sparse: bool =
     for key in ("observations", "actions", "rewards", "terminals"):
         if key not in raw:
             raise ValueError(f"dataset is missing key '{key}' (it has {sorted(raw)})")
+    n_rows = _num_rows(raw["rewards"])
+    for key in ("observations", "actions", "terminals", "terminated", "timeouts", "next_observations"):
+        if key in raw and _num_rows(raw[key]) != n_rows:
+            raise ValueError(f"key '{key}' has {_num_rows(raw[key])} rows but 'rewards' has {n_rows}")
 
-    if "next_observations" in raw:
+    if "timeouts" in raw:
+        data = _d4rl_transitions(raw)
+    elif "next_observations" in raw:
         data = {
             "observations": _copy_obs(raw["observations"]),
-            "next_observations": _copy_obs(raw["next_observations"]),
-            "actions": _float32_copy(raw["actions"]),
-            "rewards": _float32_copy(raw["rewards"]),
-            "terminals": _float32_copy(raw["terminals"]),
+            "next_observations": _copy_obs(raw["next_observations"], "next_observations"),
+            "actions": _float32_copy(raw["actions"], "actions"),
+            "rewards": _float32_copy(raw["rewards"], "rewards"),
+            "terminals": _float32_copy(raw["terminals"], "terminals"),
             "terminated": (
-                _float32_copy(raw["terminated"])
-                if "terminated" in raw
-                else np.zeros(len(np.asarray(raw["rewards"])), dtype=np.float32)
+                _float32_copy(raw["terminated"], "terminated") if "terminated" in raw else np.zeros(n_rows, dtype=np.float32)
             ),
         }
     else:
-        n_rows = len(np.asarray(raw["terminals"]))
-        for key in ("observations", "actions", "rewards", "terminated"):
-            if key in raw and _num_rows(raw[key]) != n_rows:
-                raise ValueError(f"key '{key}' has {_num_rows(raw[key])} rows but 'terminals' has {n_rows}")
         ob_mask, next_ob_mask, terminals = _ogbench_masks(raw["terminals"])
-        terminated = _float32_copy(raw["terminated"]) if "terminated" in raw else np.zeros(n_rows, np.float32)
+        terminated = _float32_copy(raw["terminated"], "terminated") if "terminated" in raw else np.zeros(n_rows, np.float32)
         dropped = np.flatnonzero(terminated.astype(bool) & ~ob_mask)
         if len(dropped) > 0:
             raise ValueError(
@@ -359,14 +420,62 @@ def load_npz(path_or_dict: str | os.PathLike | Mapping[str, Any], sparse: bool =
         data = {
             "observations": _map_obs(lambda x: x[ob_mask], observations),
             "next_observations": _map_obs(lambda x: x[next_ob_mask], observations),
-            "actions": _float32_copy(raw["actions"])[ob_mask],
-            "rewards": _float32_copy(raw["rewards"])[ob_mask],
+            "actions": _float32_copy(raw["actions"], "actions")[ob_mask],
+            "rewards": _float32_copy(raw["rewards"], "rewards")[ob_mask],
             "terminals": terminals,
             "terminated": terminated[ob_mask],
         }
+        warnings.warn(
+            f"The dataset has no 'next_observations': read in the OGBench layout, where the last row of each episode "
+            f"only holds its final observation. {n_rows} rows -> {int(ob_mask.sum())} transitions in "
+            f"{int((~ob_mask).sum())} episodes. Pass 'next_observations' to keep every row as a transition, or "
+            "'timeouts' for the D4RL convention.",
+            stacklevel=2,
+        )
     if sparse:
         data["rewards"] = sparsify_rewards(data["rewards"])
     return data
+
+
+def _d4rl_transitions(raw: dict[str, Any]) -> dict[str, Any]:
+    """The common form of a dataset in the D4RL convention (``terminals`` = true terminals, ``timeouts``)."""
+    terminal = _float32_copy(raw["terminals"], "terminals")
+    timeouts = _float32_copy(raw["timeouts"], "timeouts")
+    _check_binary("terminals", terminal)
+    _check_binary("timeouts", timeouts)
+    if "terminated" in raw:
+        raise ValueError("keys 'terminated' and 'timeouts' both given: with 'timeouts' (D4RL), 'terminals' are the true terminals")
+    observations = _copy_obs(raw["observations"])
+    actions, rewards = _float32_copy(raw["actions"], "actions"), _float32_copy(raw["rewards"], "rewards")
+    if "next_observations" in raw:
+        next_observations = _copy_obs(raw["next_observations"], "next_observations")
+        keep = np.ones(len(terminal), dtype=bool)
+    else:
+        # The next observation of row i is row i + 1, except after a timeout (not recorded) and after the last row.
+        keep = timeouts == 0
+        keep[-1] = False
+        next_index = np.minimum(np.arange(len(terminal)) + 1, len(terminal) - 1)
+        next_observations = _map_obs(lambda x: x[next_index], observations)
+        if not keep.any():
+            raise ValueError("dataset is empty: no row has a next observation (every row is a timeout or the last one)")
+        warnings.warn(
+            f"D4RL-style dataset without 'next_observations': {len(keep)} rows -> {int(keep.sum())} transitions "
+            f"({int((~keep).sum())} rows dropped: timeouts and the last row, whose next observation is not recorded).",
+            stacklevel=3,
+        )
+    # An episode ends at a terminal state, at a timeout, at the row before a dropped row, and at the data's end.
+    ends = np.maximum(terminal, timeouts)
+    if "next_observations" not in raw:
+        ends = np.maximum(ends, np.concatenate([~keep[1:], [True]]).astype(np.float32))
+    ends[-1] = 1.0
+    return {
+        "observations": _map_obs(lambda x: x[keep], observations),
+        "next_observations": _map_obs(lambda x: x[keep], next_observations),
+        "actions": actions[keep],
+        "rewards": rewards[keep],
+        "terminals": ends[keep],
+        "terminated": terminal[keep],
+    }
 
 
 def load_dataset(source: str | os.PathLike | Mapping[str, Any], **kwargs: Any) -> dict[str, Any]:

@@ -83,6 +83,13 @@ class ChunkedActionWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
     - ``is_success``: set when a primitive info carries OGBench's ``success`` (the value of the last step
       that has it), so that SB3's ``EvalCallback`` reports a success rate.
 
+    Interruptions: if the wrapped env raises (or the process is interrupted) in the middle of a chunk, the
+    primitive transitions that ran before are kept in :attr:`interrupted_transitions` (same layout as
+    ``info["transitions"]``), the exception propagates, and the env must be reset before the next ``step``
+    (its state is unknown). :attr:`chunks_completed` counts the chunks that ran to their end and
+    :attr:`last_transitions` holds the transitions of the last one, so that a caller whose ``step`` call did
+    not return (e.g. a VecEnv in which another env raised) can still store what ran.
+
     A chunk of the wrong shape, with NaN or inf values, or out of bounds for a discrete space raises a
     ``ValueError`` before anything runs in the env. Box chunks outside the bounds follow Gymnasium's
     convention: they are passed on as they are and the env decides (most clip, some raise).
@@ -102,6 +109,9 @@ class ChunkedActionWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
         self.chunk_size = int(chunk_size)
         self.gamma = float(gamma)
         self._last_obs: Any = None
+        self.chunks_completed = 0
+        self.last_transitions: dict[str, Any] | None = None
+        self.interrupted_transitions: dict[str, Any] | None = None
 
     def split_chunk(self, chunk: np.ndarray) -> np.ndarray:
         """
@@ -146,23 +156,33 @@ class ChunkedActionWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
     def step(self, action: np.ndarray) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
         actions = self.split_chunk(action)
         if self._last_obs is None:
-            raise RuntimeError("Cannot call step() before reset()")
+            raise RuntimeError("Cannot call step() before reset() (or after a step that raised: reset the env first)")
+        self.interrupted_transitions = None
         observations, next_observations, rewards, terminateds, truncateds, infos = [], [], [], [], [], []
         obs = self._last_obs
         terminated = truncated = False
-        for primitive_action in actions:
-            a = primitive_action.item() if isinstance(self.primitive_action_space, spaces.Discrete) else primitive_action
-            next_obs, reward, terminated, truncated, info = self.env.step(a)
-            observations.append(obs)
-            next_obs = _copy(next_obs)
-            next_observations.append(next_obs)
-            rewards.append(float(reward))
-            terminateds.append(bool(terminated))
-            truncateds.append(bool(truncated))
-            infos.append(info)
-            obs = next_obs
-            if terminated or truncated:
-                break
+        try:
+            for primitive_action in actions:
+                a = primitive_action.item() if isinstance(self.primitive_action_space, spaces.Discrete) else primitive_action
+                next_obs, reward, terminated, truncated, info = self.env.step(a)
+                observations.append(obs)
+                next_obs = _copy(next_obs)
+                next_observations.append(next_obs)
+                rewards.append(float(reward))
+                terminateds.append(bool(terminated))
+                truncateds.append(bool(truncated))
+                infos.append(info)
+                obs = next_obs
+                if terminated or truncated:
+                    break
+        except BaseException:
+            # What ran stays available to the caller; the env's state after the exception is unknown.
+            self._last_obs = None
+            if rewards:
+                self.interrupted_transitions = self._transitions(
+                    observations, actions, rewards, next_observations, terminateds, truncateds
+                )
+            raise
         self._last_obs = obs
         k = len(rewards)
         primitive_rewards = np.asarray(rewards, dtype=np.float64)
@@ -172,19 +192,34 @@ class ChunkedActionWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
         out_info["chunk_steps"] = k
         out_info["primitive_rewards"] = primitive_rewards
         out_info["bootstrap_discount"] = self.gamma**k
-        out_info["transitions"] = {
-            "obs": _stack(observations),
-            "action": actions[:k].copy(),
-            "reward": primitive_rewards.copy(),
-            "next_obs": _stack(next_observations),
-            "terminated": np.asarray(terminateds),
-            "truncated": np.asarray(truncateds),
-        }
+        out_info["transitions"] = self._transitions(observations, actions, rewards, next_observations, terminateds, truncateds)
         out_info["primitive_infos"] = infos
         successes = [info["success"] for info in infos if "success" in info]
         if successes:
             out_info["is_success"] = bool(successes[-1])
+        self.chunks_completed += 1
+        self.last_transitions = out_info["transitions"]
         return obs, chunk_reward, bool(terminated), bool(truncated), out_info
+
+    @staticmethod
+    def _transitions(
+        observations: list[Any],
+        actions: np.ndarray,
+        rewards: list[float],
+        next_observations: list[Any],
+        terminateds: list[bool],
+        truncateds: list[bool],
+    ) -> dict[str, Any]:
+        """The k primitive transitions that ran, each entry stacked along a first axis of length k."""
+        k = len(rewards)
+        return {
+            "obs": _stack(observations),
+            "action": actions[:k].copy(),
+            "reward": np.asarray(rewards, dtype=np.float64),
+            "next_obs": _stack(next_observations),
+            "terminated": np.asarray(terminateds),
+            "truncated": np.asarray(truncateds),
+        }
 
 
 def find_chunk_wrapper(env: gym.Env) -> ChunkedActionWrapper | None:

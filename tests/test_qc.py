@@ -14,7 +14,8 @@ from sb3_qchunk import QC, ChunkedActionWrapper
 from sb3_qchunk.common.evaluation import evaluate_success
 from sb3_qchunk.demo import RandomChunks
 from sb3_qchunk.qc.policies import AUTO_BF16_MIN_BATCH, aggregate_q, has_fast_bf16
-from sb3_qchunk.qc.qc import chunked_critic_target, wrap_chunked
+from sb3_qchunk.common.env_util import wrap_chunked
+from sb3_qchunk.qc.qc import chunked_critic_target
 
 # learning_starts is a multiple of the chunk sizes used below, so update counts are exact.
 SMALL = dict(num_samples=4, flow_steps=3, batch_size=16, learning_starts=21, policy_kwargs=dict(net_arch=[16, 16]))

@@ -10,6 +10,8 @@ from stable_baselines3.common.preprocessing import get_action_dim, get_obs_shape
 from stable_baselines3.common.type_aliases import TensorDict
 from stable_baselines3.common.vec_env import VecNormalize
 
+from sb3_qchunk.datasets import cast_lossless
+
 # Observations are stored in a dict, under this key when the observation space is not a Dict.
 _OBS_KEY = "obs"
 
@@ -60,6 +62,23 @@ def window_quantities(
     return cumulative_reward, mask, valid
 
 
+def usable_windows(dones: np.ndarray, chunk_size: int) -> tuple[int, int]:
+    """
+    How many windows of ``chunk_size`` consecutive steps stay inside one episode (no episode end among their first
+    h - 1 steps: ``valid_{h-1} = 1``, they have a bootstrap target and train the critic).
+
+    :param dones: (N,) episode-end flags of consecutive steps
+    :param chunk_size: h
+    :return: (usable windows, windows)
+    """
+    n_windows = len(dones) - chunk_size + 1
+    if n_windows <= 0:
+        return 0, 0
+    ends = np.concatenate([[0.0], np.cumsum(dones, dtype=np.float64)])
+    usable = (ends[chunk_size - 1 : chunk_size - 1 + n_windows] - ends[:n_windows]) == 0
+    return int(usable.sum()), n_windows
+
+
 class ChunkReplayBuffer(BaseBuffer):
     """
     Replay buffer for Q-chunking.
@@ -72,7 +91,8 @@ class ChunkReplayBuffer(BaseBuffer):
     drawn uniformly over offline and online data together (the paper's setting), or a fixed fraction of
     each batch comes from the offline data (``offline_fraction``, RLPD's symmetric sampling).
 
-    :param buffer_size: maximum number of online transitions (shared by the parallel envs)
+    :param buffer_size: maximum number of online transitions over all parallel envs (as in SB3, each env's ring
+        holds ``buffer_size // n_envs``; the ring of an env must hold at least one window of ``chunk_size``)
     :param observation_space: observation space
     :param action_space: the *primitive* action space (Box)
     :param device: PyTorch device of the sampled tensors
@@ -94,11 +114,16 @@ class ChunkReplayBuffer(BaseBuffer):
         gamma: float = 0.99,
         offline_fraction: float | None = None,
     ) -> None:
-        super().__init__(buffer_size, observation_space, action_space, device, n_envs=n_envs)
-        if not isinstance(action_space, spaces.Box):
-            raise ValueError(f"ChunkReplayBuffer needs a Box action space, got {action_space}")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if buffer_size // n_envs < chunk_size:
+            raise ValueError(
+                f"buffer_size={buffer_size} over n_envs={n_envs} gives each env a ring of {buffer_size // n_envs} "
+                f"transitions, fewer than one window of chunk_size={chunk_size}: no online window could be sampled"
+            )
+        super().__init__(buffer_size // n_envs, observation_space, action_space, device, n_envs=n_envs)
+        if not isinstance(action_space, spaces.Box):
+            raise ValueError(f"ChunkReplayBuffer needs a Box action space, got {action_space}")
         if offline_fraction is not None and not 0.0 <= offline_fraction <= 1.0:
             raise ValueError(f"offline_fraction must be None or in [0, 1], got {offline_fraction}")
         self.chunk_size = chunk_size
@@ -162,26 +187,46 @@ class ChunkReplayBuffer(BaseBuffer):
             if self.fulls[env_idx] or self.positions[env_idx] > 0:
                 self.dones[(self.positions[env_idx] - 1) % self.buffer_size, env_idx] = 1.0
 
-    def add_offline(self, dataset: dict[str, Any]) -> None:
+    def add_offline(self, dataset: dict[str, Any], replace: bool = False) -> None:
         """
-        Store an offline dataset as a fixed block beside the online rings (copied; the input is untouched).
+        Store an offline dataset in the fixed block beside the online rings (copied; the input is untouched).
+        A second dataset is appended to the block, unless ``replace``; the last transition of each dataset ends
+        an episode in the block, so no window bridges two datasets.
 
         :param dataset: dict with ``observations``, ``actions`` (scaled to [-1, 1]), ``rewards``,
             ``terminated`` (terminal states: no bootstrap), ``terminals`` (episode ends) and ``next_observations``,
-            consecutive in time; the last step must end an episode
+            consecutive in time
+        :param replace: drop the offline data stored so far instead of appending
+        :raises ValueError: if an observation cannot be stored in the buffer's dtype without changing its value
         """
-        self.offline = {
-            "observations": {k: np.asarray(v, dtype=self.observations[k].dtype).copy() for k, v in self._as_obs_dict(dataset["observations"]).items()},
+        block = {
+            "observations": {
+                k: cast_lossless(v, self.observations[k].dtype, f"observations/{k}" if k != _OBS_KEY else "observations")
+                for k, v in self._as_obs_dict(dataset["observations"]).items()
+            },
             "next_observations": {
-                k: np.asarray(v, dtype=self.next_observations[k].dtype).copy()
+                k: cast_lossless(v, self.next_observations[k].dtype, f"next_observations/{k}" if k != _OBS_KEY else "next_observations")
                 for k, v in self._as_obs_dict(dataset["next_observations"]).items()
             },
-            "actions": np.asarray(dataset["actions"], dtype=np.float32).reshape(-1, self.action_dim).copy(),
-            "rewards": np.asarray(dataset["rewards"], dtype=np.float32).copy(),
-            "terminated": np.asarray(dataset["terminated"], dtype=np.float32).copy(),
+            "actions": cast_lossless(dataset["actions"], np.float32, "actions").reshape(-1, self.action_dim),
+            "rewards": cast_lossless(dataset["rewards"], np.float32, "rewards"),
+            "terminated": cast_lossless(dataset["terminated"], np.float32, "terminated"),
             # Episode ends only: in offline data a terminal state (e.g. OGBench's task success) can sit in the
             # middle of an episode that goes on; it zeroes the window's mask, not its valid flags.
-            "dones": np.asarray(dataset["terminals"], dtype=np.float32).copy(),
+            "dones": cast_lossless(dataset["terminals"], np.float32, "terminals"),
+        }
+        block["dones"][-1] = 1.0  # nothing follows the last transition of a dataset
+        if self.offline is None or replace:
+            self.offline = block
+            return
+        old = self.offline
+        self.offline = {
+            key: (
+                {k: np.concatenate([old[key][k], v]) for k, v in value.items()}
+                if isinstance(value, dict)
+                else np.concatenate([old[key], value])
+            )
+            for key, value in block.items()
         }
 
     def reset(self) -> None:
@@ -203,6 +248,30 @@ class ChunkReplayBuffer(BaseBuffer):
     def size(self) -> int:
         """Number of stored primitive transitions, online and offline."""
         return self.online_size() + self.offline_size
+
+    def online_window_count(self) -> int:
+        """Number of distinct windows in the online rings."""
+        return int(self._online_window_counts().sum())
+
+    def usable_windows(self, online: bool) -> tuple[int, int]:
+        """
+        How many windows stay inside one episode (``valid_{h-1} = 1``: they have a bootstrap target and train the
+        critic), out of all the windows of the online rings or of the offline block.
+
+        :param online: count the online rings (True) or the offline block (False)
+        :return: (usable windows, windows)
+        """
+        if online:
+            stored = np.where(self.fulls, self.buffer_size, self.positions)
+            first = np.where(self.fulls, self.positions, 0)
+            sequences = [
+                self.dones[(first[env_idx] + np.arange(stored[env_idx])) % self.buffer_size, env_idx]
+                for env_idx in range(self.n_envs)
+            ]
+        else:
+            sequences = [] if self.offline is None else [self.offline["dones"]]
+        counts = [usable_windows(dones, self.chunk_size) for dones in sequences]
+        return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
     def _online_window_counts(self) -> np.ndarray:
         stored = np.where(self.fulls, self.buffer_size, self.positions)

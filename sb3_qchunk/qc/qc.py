@@ -1,30 +1,30 @@
 import io
+import math
+import warnings
 import pathlib
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
-import gymnasium as gym
 import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common import utils
 from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList, ConvertCallback
-from stable_baselines3.common.env_util import is_wrapped
-from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.noise import ActionNoise
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.save_util import load_from_pkl, load_from_zip_file
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, RolloutReturn, Schedule, TrainFreq
 from stable_baselines3.common.utils import should_collect_more_steps
-from stable_baselines3.common.vec_env import VecEnv, VecNormalize, unwrap_vec_wrapper
+from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 from torch.optim.adam import adam
 from tqdm.auto import tqdm
 
-from sb3_qchunk.common.buffers import ChunkReplayBuffer, ChunkReplayBufferSamples
+from sb3_qchunk.common.buffers import ChunkReplayBuffer, ChunkReplayBufferSamples, usable_windows
 from sb3_qchunk.common.callbacks import ChunkProgressBarCallback
+from sb3_qchunk.common.env_util import check_finite_observations, check_finite_transitions, wrap_chunked
 from sb3_qchunk.datasets import load_dataset, validate_dataset
 from sb3_qchunk.qc.policies import (
     ACTOR_TYPES,
@@ -37,9 +37,16 @@ from sb3_qchunk.qc.policies import (
     aggregate_q,
     compile_options,
 )
-from sb3_qchunk.wrappers import ChunkedActionWrapper, find_chunk_wrapper
 
 SelfQC = TypeVar("SelfQC", bound="QC")
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def chunked_critic_target(
@@ -56,55 +63,6 @@ def chunked_critic_target(
     :param chunk_size: h
     """
     return rewards + gamma**chunk_size * masks * next_q
-
-
-def wrap_chunked(env: GymEnv | str | None, chunk_size: int, gamma: float) -> GymEnv | None:
-    """
-    Make ``env`` chunk-level with ``chunk_size`` actions per chunk, or check that it already is.
-
-    A plain Gymnasium env (or env id) is wrapped in ``Monitor`` (so episode statistics count primitive steps
-    and undiscounted rewards) and then in :class:`ChunkedActionWrapper`. A VecEnv must have been built
-    with the wrapper (``make_vec_env(..., wrapper_class=ChunkedActionWrapper, wrapper_kwargs=...)``).
-
-    :param env: None, an env id, a Gymnasium env or a VecEnv
-    :param chunk_size: primitive actions per chunk the agent emits
-    :param gamma: discount of the in-chunk reward sum
-    :return: the chunk-level env
-    """
-    if env is None:
-        return None
-    if isinstance(env, str):
-        env = gym.make(env)
-    if isinstance(env, VecEnv):
-        if unwrap_vec_wrapper(env, VecNormalize) is not None:
-            raise ValueError("QC does not support VecNormalize: its replay buffer stores the wrapper's raw transitions")
-        if not all(env.env_is_wrapped(ChunkedActionWrapper)):
-            raise ValueError(
-                "QC needs a chunk-level env. Build the VecEnv with "
-                f"make_vec_env(..., wrapper_class=ChunkedActionWrapper, wrapper_kwargs=dict(chunk_size={chunk_size})), "
-                "or pass a plain Gymnasium env and QC wraps it."
-            )
-        sizes = env.get_attr("chunk_size")
-        if any(size != chunk_size for size in sizes):
-            raise ValueError(f"The env's ChunkedActionWrapper has chunk_size={sizes[0]}, but QC expects {chunk_size}")
-        primitive = env.get_attr("primitive_action_space")[0]
-        _check_box(primitive)
-        return env
-    wrapper = find_chunk_wrapper(env)
-    if wrapper is not None:
-        if wrapper.chunk_size != chunk_size:
-            raise ValueError(f"The env's ChunkedActionWrapper has chunk_size={wrapper.chunk_size}, but QC expects {chunk_size}")
-        _check_box(wrapper.primitive_action_space)
-        return env
-    _check_box(env.action_space)
-    if not is_wrapped(env, Monitor):
-        env = Monitor(env)
-    return ChunkedActionWrapper(env, chunk_size=chunk_size, gamma=gamma)
-
-
-def _check_box(action_space: spaces.Space) -> None:
-    if not isinstance(action_space, spaces.Box):
-        raise ValueError(f"QC needs a Box (continuous) action space, got {type(action_space).__name__}: {action_space}")
 
 
 class LossesModule(nn.Module):
@@ -255,8 +213,15 @@ class QC(OffPolicyAlgorithm):
             raise ValueError(f"actor_type must be one of {ACTOR_TYPES}, got {actor_type!r}")
         if q_aggregation not in Q_AGGREGATIONS:
             raise ValueError(f"q_aggregation must be one of {Q_AGGREGATIONS}, got {q_aggregation!r}")
-        if alpha < 0:
-            raise ValueError(f"alpha must be >= 0, got {alpha}")
+        if not _is_real(alpha) or not math.isfinite(alpha) or alpha < 0:
+            raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+        if not _is_real(gamma) or not 0.0 < gamma <= 1.0:
+            raise ValueError(f"gamma must be a number in (0, 1], got {gamma!r}")
+        if not _is_real(tau) or not 0.0 <= tau <= 1.0:
+            raise ValueError(f"tau must be a number in [0, 1], got {tau!r}")
+        for name, value, minimum in (("batch_size", batch_size, 1), ("buffer_size", buffer_size, 1), ("learning_starts", learning_starts, 0)):
+            if not _is_integer(value) or value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
         if isinstance(train_freq, tuple) and train_freq[1] != "step":
             raise ValueError(f"QC counts train_freq in primitive steps only, got {train_freq}")
         self.chunk_size = int(chunk_size)
@@ -302,6 +267,8 @@ class QC(OffPolicyAlgorithm):
         self.offline_dataset_kwargs = offline_dataset_kwargs or {}
         self.offline_updates = offline_updates
         self.offline_updates_done = 0
+        self._chunks_returned = np.zeros(0, dtype=np.int64)
+        self._online_windows_checked = False
         if _init_setup_model:
             self._setup_model()
             if offline_dataset is not None:
@@ -364,24 +331,47 @@ class QC(OffPolicyAlgorithm):
     # ----------------------------------------------------------------------------------------------
     # Offline data
     # ----------------------------------------------------------------------------------------------
-    def load_dataset(self, dataset: str | dict[str, Any], **load_kwargs: Any) -> None:
+    def load_dataset(self, dataset: str | dict[str, Any], replace: bool = False, **load_kwargs: Any) -> None:
         """
         Put an offline dataset into the replay buffer, beside the online data (validated first; the user's
-        arrays and files are never modified).
+        arrays and files are never modified). A second call appends its dataset to the offline data already
+        loaded (no window bridges the two), unless ``replace=True``.
+
+        A dataset in which no window of ``chunk_size`` steps stays inside one episode (every episode is shorter
+        than the chunk) is refused: the critic could never be trained on it. One in which fewer than half of the
+        windows do gives a warning with the fraction.
 
         :param dataset: a dict of arrays in the common form of :mod:`sb3_qchunk.datasets` (``observations``,
             ``actions``, ``rewards``, ``terminals`` = episode ends, ``terminated`` = true terminals,
             ``next_observations``), or anything :func:`sb3_qchunk.datasets.load_dataset` reads (an OGBench or
             plain ``.npz`` path, ``"minari:<id>"``)
+        :param replace: drop the offline data loaded before instead of appending to it
         :param load_kwargs: passed to :func:`sb3_qchunk.datasets.load_dataset` (e.g. ``task_id``, ``sparse``)
         """
         data = load_dataset(dataset, **load_kwargs)
         validate_dataset(data, self.observation_space, self.primitive_action_space)
         scaled = dict(data)
         scaled["actions"] = self.scale_primitive_action(data["actions"])
-        self.replay_buffer.add_offline(scaled)
+        usable, total = usable_windows(np.asarray(data["terminals"]), self.chunk_size)
+        if usable == 0:
+            raise ValueError(
+                f"No window of chunk_size={self.chunk_size} steps in this dataset ({len(data['rewards'])} transitions, "
+                f"{total} windows) stays inside one episode: every episode is shorter than the chunk, so the critic "
+                "could never be trained on it. Use a smaller chunk_size."
+            )
+        if usable < 0.5 * total:
+            warnings.warn(
+                f"Only {usable} of the {total} windows of chunk_size={self.chunk_size} steps ({usable / total:.0%}) in "
+                "this dataset stay inside one episode; the others have no bootstrap target and do not train the critic.",
+                stacklevel=2,
+            )
+        self.replay_buffer.add_offline(scaled, replace=replace)
         if self.verbose >= 1:
-            print(f"Loaded {len(data['rewards'])} offline transitions into the replay buffer")
+            verb = "Appended" if self.replay_buffer.offline_size > len(data["rewards"]) else "Loaded"
+            print(
+                f"{verb} {len(data['rewards'])} offline transitions ({usable / total:.1%} of the windows usable by the "
+                f"critic); the replay buffer holds {self.replay_buffer.offline_size} offline transitions"
+            )
 
     def pretrain(
         self: SelfQC,
@@ -435,12 +425,53 @@ class QC(OffPolicyAlgorithm):
             return
         self.policy.set_training_mode(True)
         self._update_learning_rate([self.actor.optimizer, self.critic.optimizer])
-        stats = [self._update(self.replay_buffer.sample(batch_size)) for _ in range(gradient_steps)]
+        before = self._training_state()
+        stats = th.stack([self._update(self.replay_buffer.sample(batch_size)) for _ in range(gradient_steps)])
+        # One host sync per train() call, not per gradient step.
+        values = stats.cpu().numpy()
+        if not np.isfinite(values).all():
+            self._restore_training_state(before)
+            step, column = np.argwhere(~np.isfinite(values))[0]
+            raise FloatingPointError(
+                f"train/{self.STATS[column]} became {values[step, column]} at gradient step {self._n_updates + step + 1} "
+                f"(update {step + 1} of this train() call). The networks and optimizers were restored to their state "
+                f"before the call ({self._n_updates} updates). Check the data (rewards, observations) and the learning rate."
+            )
         self._n_updates += gradient_steps
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
-        # One host sync per train() call, not per gradient step.
-        for key, value in zip(self.STATS, th.stack(stats).mean(dim=0).cpu().numpy()):
+        for key, value in zip(self.STATS, values.mean(axis=0)):
             self.logger.record(f"train/{key}", float(value))
+
+    def _training_state(self) -> tuple[list[th.Tensor], list[dict[th.Tensor, dict[str, Any]]]]:
+        """Copies of every weight of the policy and of both optimizers' state."""
+        with th.no_grad():
+            weights = [param.detach().clone() for param in self.policy.parameters()]
+            optimizer_states = [
+                {
+                    param: {key: value.clone() if isinstance(value, th.Tensor) else value for key, value in state.items()}
+                    for param, state in optimizer.state.items()
+                }
+                for optimizer in (self.critic.optimizer, self.actor.optimizer)
+            ]
+        return weights, optimizer_states
+
+    def _restore_training_state(self, saved: tuple[list[th.Tensor], list[dict[th.Tensor, dict[str, Any]]]]) -> None:
+        """Put back what :meth:`_training_state` copied (in place: compiled code keeps seeing the same tensors)."""
+        weights, optimizer_states = saved
+        with th.no_grad():
+            for param, value in zip(self.policy.parameters(), weights):
+                param.copy_(value)
+            for optimizer, states in zip((self.critic.optimizer, self.actor.optimizer), optimizer_states):
+                for param in list(optimizer.state):
+                    if param not in states:
+                        del optimizer.state[param]
+                for param, state in states.items():
+                    current = optimizer.state[param]
+                    for key, value in state.items():
+                        if isinstance(value, th.Tensor) and isinstance(current.get(key), th.Tensor):
+                            current[key].copy_(value)
+                        else:
+                            current[key] = value
 
     def _chunks(self, replay_data: ChunkReplayBufferSamples) -> th.Tensor:
         """The actions the critic and actor see: the whole chunk, or the first action for n-step ablations."""
@@ -702,41 +733,104 @@ class QC(OffPolicyAlgorithm):
         Run chunks in the env until ``train_freq`` primitive steps are collected, storing every primitive
         transition the chunks really ran (from the wrapper's ``info["transitions"]``).
 
+        What ran is stored before the callback is called, so a callback that stops training leaves the buffer,
+        ``num_timesteps`` and the last observation in step with the env (``learn(..., reset_num_timesteps=False)``
+        goes on from there). If the env raises, the steps that ran are stored as far as the wrapper kept them,
+        every stored episode is ended and the next ``learn`` resets the env. NaN/inf rewards or observations
+        raise a ``ValueError`` before they are stored.
+
         :return: primitive steps and episodes collected, and whether to continue training
         """
         self.policy.set_training_mode(False)
         num_collected_steps, num_collected_episodes = 0, 0
         assert isinstance(env, VecEnv), "You must pass a VecEnv"
         callback.on_rollout_start()
-        continue_training = True
         while should_collect_more_steps(train_freq, num_collected_steps, num_collected_episodes):
             actions, _ = self._sample_action(learning_starts, None, env.num_envs)
-            new_obs, rewards, dones, infos = env.step(actions)
-            steps = int(sum(info["chunk_steps"] for info in infos))
-            self.num_timesteps += steps
-            num_collected_steps += steps
-
-            callback.update_locals(locals())
-            if not callback.on_step():
-                return RolloutReturn(num_collected_steps, num_collected_episodes, continue_training=False)
-
-            self._update_info_buffer(infos, dones)
+            try:
+                new_obs, rewards, dones, infos = env.step(actions)
+            except BaseException:
+                self._store_interrupted_step(env)
+                raise
+            self._chunks_returned += 1
+            try:
+                for env_idx, info in enumerate(infos):
+                    check_finite_transitions(info["transitions"], env_idx, self.num_timesteps + 1)
+                check_finite_observations(new_obs, f"after primitive step {self.num_timesteps + 1} (a reset observation)")
+            except ValueError:
+                self._end_stored_episodes()
+                raise
             for env_idx, info in enumerate(infos):
-                transitions = dict(info["transitions"])
-                transitions["action"] = self.scale_primitive_action(transitions["action"])
-                self.replay_buffer.add(transitions, env_idx)
+                self._store_transitions(info["transitions"], env_idx)
+            steps = int(sum(info["chunk_steps"] for info in infos))
+            num_collected_steps += steps
             self._last_obs = new_obs
+            self._update_info_buffer(infos, dones)
             self._update_current_progress_remaining(self.num_timesteps, self._total_timesteps)
             self._on_step()
-
             for done in dones:
                 if done:
                     num_collected_episodes += 1
                     self._episode_num += 1
                     if log_interval is not None and self._episode_num % log_interval == 0:
                         self.dump_logs()
+            if num_collected_episodes > 0:
+                self._check_online_windows()
+
+            callback.update_locals(locals())
+            if not callback.on_step():
+                return RolloutReturn(num_collected_steps, num_collected_episodes, continue_training=False)
         callback.on_rollout_end()
-        return RolloutReturn(num_collected_steps, num_collected_episodes, continue_training)
+        return RolloutReturn(num_collected_steps, num_collected_episodes, continue_training=True)
+
+    def _store_transitions(self, transitions: dict[str, Any], env_idx: int) -> None:
+        """Store the primitive transitions of one chunk (actions scaled to [-1, 1]) and count them."""
+        transitions = dict(transitions)
+        transitions["action"] = self.scale_primitive_action(transitions["action"])
+        self.replay_buffer.add(transitions, env_idx)
+        self.num_timesteps += len(transitions["reward"])
+
+    def _store_interrupted_step(self, env: VecEnv) -> None:
+        """
+        ``env.step`` raised: store what ran without being returned (the whole chunk of an env that finished its
+        chunk before another one raised, the first steps of the chunk that was interrupted), then end every stored
+        episode: the envs are reset at the next ``learn``.
+        """
+        try:
+            completed = env.get_attr("chunks_completed")
+            last = env.get_attr("last_transitions")
+            partial = env.get_attr("interrupted_transitions")
+        except Exception:  # e.g. a subprocess that died with the exception: nothing can be read back from it
+            completed = None
+        if completed is not None:
+            for env_idx in range(env.num_envs):
+                ran = last[env_idx] if completed[env_idx] > self._chunks_returned[env_idx] else partial[env_idx]
+                if ran is not None and len(ran["reward"]) > 0:
+                    try:
+                        check_finite_transitions(ran, env_idx, self.num_timesteps + 1)
+                    except ValueError:
+                        continue
+                    self._store_transitions(ran, env_idx)
+        self._end_stored_episodes()
+
+    def _end_stored_episodes(self) -> None:
+        """Mark the last stored step of every env as an episode end; the next ``learn`` resets the envs."""
+        self.replay_buffer.mark_episode_ends()
+        self._last_obs = None  # type: ignore[assignment]
+
+    def _check_online_windows(self) -> None:
+        """Once, when online episodes have ended: warn if most online windows cannot train the critic."""
+        if self._online_windows_checked or self.replay_buffer.online_window_count() == 0:
+            return
+        self._online_windows_checked = True
+        usable, total = self.replay_buffer.usable_windows(online=True)
+        if usable < 0.5 * total:
+            warnings.warn(
+                f"Only {usable} of the {total} online windows of {self.chunk_size} steps ({usable / total:.0%}) "
+                "stay inside one episode: the others have no bootstrap target and do not train the critic. "
+                f"The episodes are shorter than chunk_size={self.chunk_size}; use a smaller chunk_size.",
+                stacklevel=3,
+            )
 
     def _init_callback(self, callback: MaybeCallback, progress_bar: bool = False) -> BaseCallback:
         # SB3's progress bar advances by one per env.step call; ours by the primitive steps a chunk ran.
@@ -760,7 +854,19 @@ class QC(OffPolicyAlgorithm):
         # The env is about to be reset: end the stored episodes so no window bridges the two.
         if self.replay_buffer is not None and (reset_num_timesteps or self._last_obs is None):
             self.replay_buffer.mark_episode_ends()
-        return super()._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
+        total_timesteps, callback = super()._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
+        assert self.env is not None
+        check_finite_observations(self._last_obs, "at reset")
+        # Chunks each env has run: what env.step returned is counted from here (see _store_interrupted_step).
+        self._chunks_returned = np.array(self.env.get_attr("chunks_completed"))
+        if total_timesteps <= self.learning_starts:
+            warnings.warn(
+                f"This learn() call ends at {total_timesteps} primitive steps but training starts after "
+                f"learning_starts={self.learning_starts} steps: it will do no gradient step. Lower learning_starts "
+                "(e.g. after pretrain(), or for short runs) or ask for more steps.",
+                stacklevel=4,
+            )
+        return total_timesteps, callback
 
     def learn(
         self: SelfQC,
@@ -788,17 +894,29 @@ class QC(OffPolicyAlgorithm):
     # ----------------------------------------------------------------------------------------------
     def load_replay_buffer(self, path: Any, truncate_last_traj: bool = True) -> None:
         """
-        Load a replay buffer saved with :meth:`save_replay_buffer`.
+        Load a replay buffer saved with :meth:`save_replay_buffer`. It must fit the model: the same observation
+        space, primitive action space (bounds included: the buffer stores actions scaled to them), number of envs
+        and chunk size; this model's ``gamma`` and ``offline_fraction`` govern the sampling from then on.
 
         :param path: path to the pickled replay buffer
         :param truncate_last_traj: mark the last stored step of every env as an episode end
             (the next ``learn`` starts a new episode)
+        :raises ValueError: naming what does not fit
         """
         buffer = load_from_pkl(path, self.verbose)
         if not isinstance(buffer, ChunkReplayBuffer):
             raise TypeError(f"Expected a ChunkReplayBuffer, got {type(buffer).__name__}")
-        if buffer.chunk_size != self.chunk_size:
-            raise ValueError(f"The replay buffer samples windows of {buffer.chunk_size} steps, this model uses {self.chunk_size}")
+        checks = (
+            ("chunk_size (window length)", buffer.chunk_size, self.chunk_size),
+            ("observation space", buffer.observation_space, self.observation_space),
+            ("primitive action space", buffer.action_space, self.primitive_action_space),
+            ("n_envs", buffer.n_envs, self.n_envs),
+        )
+        for name, found, expected in checks:
+            if found != expected:
+                raise ValueError(f"The replay buffer in {path} does not fit this model: its {name} is {found}, the model's is {expected}")
+        buffer.gamma = self.gamma
+        buffer.offline_fraction = self.offline_fraction
         if truncate_last_traj:
             buffer.mark_episode_ends()
         buffer.device = self.device
@@ -846,6 +964,7 @@ class QC(OffPolicyAlgorithm):
             "_compiled_losses",
             "_compiled_step",
             "_losses_module",
+            "_chunks_returned",
         ]
 
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
