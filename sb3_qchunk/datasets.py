@@ -4,8 +4,9 @@ OGBench manipulation "play" datasets (OGBench's own downloads are not needed).
 
 The common form is a plain ``dict[str, np.ndarray]`` of N consecutive primitive transitions:
 
-- ``observations``: (N, *obs_shape), float32 (uint8 image observations stay uint8); may be a dict of such
-  arrays for dict observation spaces
+- ``observations``: (N, *obs_shape), float32 (integer observations such as uint8 images keep their dtype); may
+  be a dict of such arrays for dict observation spaces. The replay buffer stores them in the dtype of the
+  observation space (float32 for float spaces) and refuses a cast that would change a value.
 - ``actions``: (N, A) float32
 - ``rewards``: (N,) float32
 - ``terminals``: (N,) float32, 1 at the last transition of each episode (episode end, whatever the reason)
@@ -103,11 +104,11 @@ def cast_lossless(x: Any, dtype: np.dtype | type, name: str) -> np.ndarray:
 
 
 def _copy_obs(obs: Any, name: str = "observations") -> ObsArray:
-    """Copy observations as float32 (uint8 images stay uint8), refusing lossy casts; never a view of the input."""
+    """Copy observations, floats as float32 (integer ones, e.g. images, keep their dtype); never a view of the input."""
 
     def copy(key: str, x: Any) -> np.ndarray:
         x = np.asarray(x)
-        return cast_lossless(x, np.uint8 if x.dtype == np.uint8 else np.float32, key)
+        return cast_lossless(x, x.dtype if x.dtype.kind in "biu" else np.float32, key)
 
     if isinstance(obs, Mapping):
         _map_obs(lambda x: x, obs)  # refuses nested dicts
@@ -375,7 +376,7 @@ def load_npz(path_or_dict: str | os.PathLike | Mapping[str, Any], sparse: bool =
       reward are discarded); ``terminated`` set on such a row is an error (put it on the row before). A warning
       says that this layout was assumed and how many rows became transitions.
     - Other keys are ignored. An ``.npz`` holds array observations only; a dict can hold dict observations.
-    - Values are cast to float32 (uint8 observations stay uint8); a cast that would change values is an error.
+    - Values are cast to float32 (integer observations keep their dtype); a cast that would change values is an error.
 
     :param path_or_dict: ``.npz`` path or dict of arrays
     :param sparse: the paper's sparse rewards: ``(r != 0) * -1.0``

@@ -90,3 +90,32 @@ class SparseChainEnv(gym.Env):
         self.t += 1
         success = self.x >= self.goal
         return self._obs(), 0.0 if success else -1.0, success, self.t >= self.max_steps, {"success": float(success)}
+
+
+class FaultyEnv(ScriptedEnv):
+    """
+    A ScriptedEnv that misbehaves at chosen primitive steps, counted over the env's whole life (1-based, across
+    episodes): a NaN reward, a NaN observation, or an exception raised by ``step``.
+    """
+
+    def __init__(
+        self,
+        nan_reward_at: int | None = None,
+        nan_obs_at: int | None = None,
+        raise_at: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.nan_reward_at, self.nan_obs_at, self.raise_at = nan_reward_at, nan_obs_at, raise_at
+        self.total_steps = 0
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+        if self.total_steps + 1 == self.raise_at:
+            raise RuntimeError(f"scripted failure at step {self.raise_at}")
+        self.total_steps += 1
+        obs, reward, terminated, truncated, info = super().step(action)
+        if self.total_steps == self.nan_reward_at:
+            reward = float("nan")
+        if self.total_steps == self.nan_obs_at:
+            obs = {key: np.full_like(value, np.nan) for key, value in obs.items()} if self.dict_obs else np.full_like(obs, np.nan)
+        return obs, reward, terminated, truncated, info

@@ -218,8 +218,10 @@ def test_relabelling_hand_checked(tmp_path, task1_env):
     np.testing.assert_array_equal(data["terminals"], [0, 1, 0, 0, 1])
     assert data["rewards"].dtype == np.float32 and data["terminated"].dtype == np.float32
 
-    # task_id wins over the env's own task: with task 2 only a cube on task 2's goal counts (none of the kept rows).
-    task2 = load_ogbench_npz(path, task_id=2, env=task1_env)
+    # With task 2 only a cube on task 2's goal counts (none of the kept rows); a task-1 env contradicts task_id=2.
+    task2 = load_ogbench_npz(path, task_id=2, env="cube-single-v0")
+    with pytest.raises(ValueError, match="contradicts"):
+        load_ogbench_npz(path, task_id=2, env=task1_env)
     np.testing.assert_array_equal(task2["rewards"], [-1, -1, -1, -1, -1])
     np.testing.assert_array_equal(task2["terminated"], [0, 0, 0, 0, 0])
 
