@@ -136,9 +136,11 @@ class QC(OffPolicyAlgorithm):
         1.05-1.09x the updates/s of the two-graph update for QC-FQL, while best-of-N runs slower that way
         (0.90-0.97x), so it keeps two graphs (``benchmarks/results/levers_update_graphs_amd_epyc.md``)
     :param learning_rate: learning rate for Adam, constant or a function of the remaining progress
-    :param buffer_size: size of the (online) replay buffer, in primitive transitions
+    :param buffer_size: size of the (online) replay buffer, in primitive transitions over all parallel envs
+        (each env's ring holds ``buffer_size // n_envs``, as in SB3)
     :param learning_starts: primitive steps to collect before learning starts (random actions before that,
-        unless the policy was already trained)
+        unless the policy was already trained, e.g. by :meth:`pretrain`); the paper's offline-to-online runs
+        start updating after 5000 online steps. A ``learn`` call that ends before it warns that it will not train
     :param batch_size: minibatch size (windows) per gradient update
     :param tau: Polyak coefficient of the target critic
     :param gamma: discount factor
@@ -867,6 +869,31 @@ class QC(OffPolicyAlgorithm):
                 stacklevel=4,
             )
         return total_timesteps, callback
+
+    def predict(
+        self,
+        observation: np.ndarray | dict[str, np.ndarray],
+        state: tuple[np.ndarray, ...] | None = None,
+        episode_start: np.ndarray | None = None,
+        deterministic: bool = False,
+    ) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
+        """
+        The chunk to run from ``observation``: ``chunk_size`` primitive actions flattened, shape ``(h * A,)``
+        (``(n_envs, h * A)`` for a batch), in the env's action bounds, for a chunk-level env
+        (:class:`~sb3_qchunk.ChunkedActionWrapper`) to execute open-loop. A primitive-step env would read only
+        part of it: step such an env through the wrapper (``sb3_qchunk.common.env_util.wrap_chunked``), or
+        evaluate with :func:`~sb3_qchunk.common.evaluation.evaluate_success`, which wraps a plain env itself.
+        SB3's ``evaluate_policy`` and ``EvalCallback`` need the chunk-level env: they give ``predict`` no access
+        to the env, so it cannot tell the two apart. With ``action_chunking=False`` a chunk has one action.
+
+        :param observation: the observation(s)
+        :param state: unused (no recurrent state), kept for SB3's signature
+        :param episode_start: unused, kept for SB3's signature
+        :param deterministic: has no effect: chunks are sampled from the flow (best-of-N or the one-step actor) as
+            in the paper, also for evaluation; seed torch for reproducible chunks
+        :return: the chunk(s) and None
+        """
+        return super().predict(observation, state, episode_start, deterministic)
 
     def learn(
         self: SelfQC,
