@@ -1,7 +1,7 @@
 """
 Speed levers for the compiled fast path, measured one against the other in one process (issue 8: "measure each;
 keep what pays"). The baseline is the shipped fast path (``compile_update``, ``compile_sampling``,
-``sampling_precision="auto"``, inductor options from :func:`sb3_qchunk.qc.policies.compile_options`); each lever
+``sampling_precision="auto"``, inductor options from :func:`sb3_qchunk.common.precision.compile_options`); each lever
 changes one thing on top of it: an inductor option taken back or set otherwise (what the shipped options gain),
 a kernel swapped in the no-gradient path, a global torch switch, the sampling precision, the way the update is
 compiled (``one-graph-update``, ``two-graph-update``), or, measured for speed only, a model change (``tanh-gelu``).
@@ -21,22 +21,20 @@ import argparse
 import contextlib
 import multiprocessing
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch as th
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import CONFIGS, SMOKE_CONFIG, make_qc, report_header, write_report  # noqa: E402
+from throughput import CONFIGS, SMOKE_CONFIG, make_qc, report_header, write_report  # benchmarks/ is the script's directory
 
-from sb3_qchunk import QC  # noqa: E402
-from sb3_qchunk.qc.policies import compile_options  # noqa: E402
+from sb3_qchunk import QC
+from sb3_qchunk.common.precision import compile_options
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -108,34 +106,6 @@ def use_tanh_gelu(model: QC) -> None:
                 setattr(module, name, nn.GELU(approximate="tanh"))
 
 
-def float32_sampling(model: QC) -> None:
-    """The no-gradient sampling path in float32 (``sampling_precision="float32"``) instead of bf16 autocast."""
-    model.policy.sampling_precision = "float32"
-
-
-def update_graphs(one_graph: bool) -> Callable[[QC], None]:
-    """
-    Compile the whole update as one graph (``QC._one_graph_step``: gradient, Adam and Polyak update together) or as
-    the losses' forward and backward graphs with the optimizer steps in Python, whatever the actor (QC ships the
-    first for QC-FQL, the second for best-of-N).
-    """
-
-    def apply(model: QC) -> None:
-        model._one_graph_update = lambda: one_graph  # type: ignore[method-assign]
-
-    return apply
-
-
-def inductor_options(**options: object) -> Callable[[QC], None]:
-    """Compile the model's loss and acting functions with these inductor options instead of the shipped ones."""
-
-    def apply(model: QC) -> None:
-        model._compiled_losses = th.compile(model._losses, options=dict(options))
-        model.policy._compiled_sampling = th.compile(model.policy.sample_chunks_from_noise, options=dict(options))
-
-    return apply
-
-
 @contextlib.contextmanager
 def bf16_fpmath() -> Iterator[None]:
     """float32 matmuls computed by oneDNN from bf16-rounded inputs (fp32 accumulation), the CPU analogue of TF32."""
@@ -153,12 +123,16 @@ class Lever:
     One candidate change to the fast path.
 
     :param description: what it changes (printed under the table)
-    :param apply: changes a freshly built model before its first update (module swaps, compile options)
+    :param compile_update: the model's ``compile_update`` setting (True: the shipped choice per actor)
+    :param policy_kwargs: ``policy_kwargs`` settings of the model besides the shipped fast path's
+    :param apply: changes a freshly built model before its first update (module swaps through its public attributes)
     :param context: entered around each of the lever's timed blocks (global switches)
     :param needs_mkldnn: skipped where torch has no oneDNN
     """
 
     description: str
+    compile_update: bool | str = True
+    policy_kwargs: dict = field(default_factory=dict)
     apply: Callable[[QC], None] = lambda model: None
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     needs_mkldnn: bool = False
@@ -168,29 +142,35 @@ SHIPPED = compile_options(th.device("cpu"))
 LEVERS = {
     "baseline": Lever(f"the shipped fast path: compile_update + compile_sampling (inductor options {SHIPPED}) + bf16 sampling"),
     "baseline-again": Lever("a second, identical model (the noise floor)"),
-    "inductor-defaults": Lever("compiled with inductor's default options (the fast path before `compile_options`)", inductor_options()),
-    "no-cpp-wrapper": Lever("`realize_cpu_opcount_threshold=4` only", inductor_options(realize_cpu_opcount_threshold=4)),
-    "no-realize": Lever("`cpp_wrapper=True` only", inductor_options(cpp_wrapper=True)),
+    "inductor-defaults": Lever("compiled with inductor's default options (`compile_options={}`)", policy_kwargs=dict(compile_options={})),
+    "no-cpp-wrapper": Lever(
+        "`realize_cpu_opcount_threshold=4` only", policy_kwargs=dict(compile_options=dict(realize_cpu_opcount_threshold=4))
+    ),
+    "no-realize": Lever("`cpp_wrapper=True` only", policy_kwargs=dict(compile_options=dict(cpp_wrapper=True))),
     **{
         f"realize-{threshold}": Lever(
             f"`cpp_wrapper=True`, `realize_cpu_opcount_threshold={threshold}`",
-            inductor_options(cpp_wrapper=True, realize_cpu_opcount_threshold=threshold),
+            policy_kwargs=dict(compile_options=dict(cpp_wrapper=True, realize_cpu_opcount_threshold=threshold)),
         )
         for threshold in (2, 8)
     },
-    "aten-gelu": Lever("no-gradient GELUs call ATen's kernel instead of inductor's generated one", use_aten_gelu),
+    "aten-gelu": Lever("no-gradient GELUs call ATen's kernel instead of inductor's generated one", apply=use_aten_gelu),
     "onednn-linear-gelu": Lever(
         "the flow's hidden Linear+GELU pairs as one oneDNN matmul with a GELU post-op (no-gradient path)",
-        fuse_flow_linear_gelu,
+        apply=fuse_flow_linear_gelu,
         needs_mkldnn=True,
     ),
-    "fp32-sampling": Lever("`sampling_precision='float32'`: the sampling path (critic target, distillation target) without bf16", float32_sampling),
-    "one-graph-update": Lever("the whole update as one compiled graph (`QC._one_graph_step`), for either actor", update_graphs(True)),
-    "two-graph-update": Lever(
-        "the losses compiled as a forward and a backward graph, `Optimizer.step` and Polyak update in Python, for either actor",
-        update_graphs(False),
+    "fp32-sampling": Lever(
+        "`sampling_precision='float32'`: the sampling path (critic target, distillation target) without bf16",
+        policy_kwargs=dict(sampling_precision="float32"),
     ),
-    "tanh-gelu": Lever("tanh-approximated GELU (the reference's activation, `jax.nn.gelu`) instead of erf GELU", use_tanh_gelu),
+    "one-graph-update": Lever("`compile_update='one_graph'`: the whole update as one compiled graph, for either actor", "one_graph"),
+    "two-graph-update": Lever(
+        "`compile_update='two_graphs'`: the losses as a forward and a backward graph, `Optimizer.step` and Polyak update "
+        "in Python, for either actor",
+        "two_graphs",
+    ),
+    "tanh-gelu": Lever("tanh-approximated GELU (the reference's activation, `jax.nn.gelu`) instead of erf GELU", apply=use_tanh_gelu),
     "bf16-fpmath": Lever(
         "`torch.backends.mkldnn.matmul.fp32_precision = 'bf16'` around the updates (gradient path's matmuls included)",
         context=bf16_fpmath,
@@ -207,8 +187,9 @@ def measure(actor: str, config: dict, levers: list[str], threads: int, rounds: i
     th.set_num_threads(threads)
     models: dict[str, QC] = {}
     for name in levers:
-        model = make_qc(actor, config["net_arch"], config["num_samples"], batch_size, "auto", "cpu", compiled=True)
-        LEVERS[name].apply(model)
+        lever = LEVERS[name]
+        model = make_qc(actor, config["net_arch"], config["num_samples"], batch_size, "auto", "cpu", lever.compile_update, **lever.policy_kwargs)
+        lever.apply(model)
         with LEVERS[name].context():
             model.train(2, batch_size)  # compilation
         models[name] = model

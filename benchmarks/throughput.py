@@ -55,7 +55,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sb3_qchunk import QC, ChunkedActionWrapper
 
-from sb3_qchunk.qc.policies import compile_options, has_fast_bf16
+from sb3_qchunk.common.precision import compile_options, has_fast_bf16
 
 OBS_DIM, ACTION_DIM, CHUNK = 28, 5, 5
 CONFIGS = {
@@ -136,12 +136,14 @@ def make_qc(
     batch_size: int,
     precision: str,
     device: str,
-    compiled: bool = False,
+    compiled: bool | str = False,
     training_precision: str = "float32",
+    **policy_settings: Any,
 ) -> QC:
     """
     A QC model on :class:`SyntheticEnv` with 10k synthetic transitions. ``precision``: ``sampling_precision``;
-    ``compiled``: ``compile_update`` and ``compile_sampling``.
+    ``compiled``: ``compile_update`` (True, or a compile mode) and ``compile_sampling``; ``policy_settings``: more
+    ``policy_kwargs`` (e.g. ``compile_options``).
     """
     th.manual_seed(0)
     model = QC(
@@ -155,7 +157,11 @@ def make_qc(
         buffer_size=20_000,
         compile_update=compiled,
         policy_kwargs=dict(
-            net_arch=net_arch, sampling_precision=precision, training_precision=training_precision, compile_sampling=compiled
+            net_arch=net_arch,
+            sampling_precision=precision,
+            training_precision=training_precision,
+            compile_sampling=bool(compiled),
+            **policy_settings,
         ),
         seed=0,
         device=device,
@@ -210,7 +216,7 @@ def update_flops(model: QC) -> tuple[float, float]:
             policy.sample_chunks(data.next_observations)
         else:
             features = model.actor.extract_features(data.observations, model.actor.features_extractor)
-            policy.flow_actions(features, th.zeros_like(data.actions.flatten(1)))  # the distillation target
+            model.actor.flow_actions(features, th.zeros_like(data.actions.flatten(1)))  # the distillation target
     return float(total.get_total_flops()), float(sampling.get_total_flops())
 
 
@@ -384,13 +390,13 @@ def profile_updates(config: dict[str, Any], batch_size: int, device: str, n_upda
     lines = []
     for actor in ("best_of_n", "distill"):
         for precision, compiled in (("float32", False), ("auto", False), ("auto", True)):
-            model = make_qc(actor, config["net_arch"], config["num_samples"], batch_size, precision, device, compiled)
+            settings = {}
             if compiled and th.device(device).type == "cpu":
                 # Name each generated kernel in the profile (with cpp_wrapper a compiled graph is one opaque entry, and
                 # the two options do not work together in torch 2.13): the profiled path is the shipped one without
                 # cpp_wrapper.
-                options = {**compile_options(th.device(device)), "cpp_wrapper": False, "cpp.enable_kernel_profile": True}
-                model._compiled_losses = th.compile(model._losses, options=options)
+                settings["compile_options"] = {**compile_options(th.device(device)), "cpp_wrapper": False, "cpp.enable_kernel_profile": True}
+            model = make_qc(actor, config["net_arch"], config["num_samples"], batch_size, precision, device, compiled, **settings)
             model.train(2, batch_size)
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 model.train(n_updates, batch_size)

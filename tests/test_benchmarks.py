@@ -11,7 +11,7 @@ import pytest
 import torch as th
 import torch.nn.functional as F
 
-from sb3_qchunk.qc.policies import has_fast_bf16
+from sb3_qchunk.common.precision import has_fast_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,13 +132,11 @@ def test_soak_smoke(tmp_path):
 
 def test_one_graph_update_of_best_of_n_matches_the_shipped_update():
     """The one-graph update (shipped for QC-FQL, a lever for best-of-N) takes best-of-N's shipped steps too."""
-    update_graphs = benchmark_module("levers").update_graphs
     make_qc = benchmark_module("throughput").make_qc
     shipped = make_qc("best_of_n", [16, 16], 2, 8, "float32", "cpu")  # seeds torch and numpy: same batches and noise
     shipped.train(3, 8)
-    one_graph = make_qc("best_of_n", [16, 16], 2, 8, "float32", "cpu", compiled=True)
-    update_graphs(True)(one_graph)
+    one_graph = make_qc("best_of_n", [16, 16], 2, 8, "float32", "cpu", compiled="one_graph")
     one_graph.train(3, 8)  # one eager update (creates Adam's state), then two compiled ones
-    assert one_graph._compiled_step is not None and one_graph._compiled_losses is None
+    assert one_graph._compiled_update.step is not None and one_graph._compiled_update.losses is None
     for a, b in zip(shipped.policy.state_dict().values(), one_graph.policy.state_dict().values()):
         th.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -13,7 +13,8 @@ from stable_baselines3.common.logger import configure
 from sb3_qchunk import QC, ChunkedActionWrapper
 from sb3_qchunk.common.evaluation import evaluate_success
 from sb3_qchunk.demo import RandomChunks
-from sb3_qchunk.qc.policies import AUTO_BF16_MIN_BATCH, aggregate_q, has_fast_bf16
+from sb3_qchunk.common.precision import AUTO_BF16_MIN_BATCH, has_fast_bf16
+from sb3_qchunk.qc.policies import aggregate_q
 from sb3_qchunk.common.env_util import wrap_chunked
 from sb3_qchunk.qc.qc import chunked_critic_target
 
@@ -25,6 +26,12 @@ def read_csv_columns(path):
     with open(path) as file:
         rows = list(csv.DictReader(file))
     return {key: [row[key] for row in rows] for key in rows[0]}
+
+
+def compiled_parts(model):
+    """(one-graph step, compiled losses) of a model's compiled update, each None where it was not compiled."""
+    update = model._compiled_update
+    return (None, None) if update is None else (update.step, update.losses)
 
 
 def small_qc(env=None, **kwargs):
@@ -81,7 +88,7 @@ def test_best_of_n_picks_the_critic_argmax(monkeypatch, compile_sampling):
             [[0.0, 2.0, -5.0, 1.0], [-5.0, 2.0, 0.0, 3.0]],
         ]
     )
-    monkeypatch.setattr(policy, "flow_actions", lambda features, noise: candidates)
+    monkeypatch.setattr(policy.actor, "flow_actions", lambda features, noise: candidates)
     monkeypatch.setattr(policy.critic, "q_from_features", lambda features, actions: q_values)
     obs = th.zeros(2, 3)
     chunks = policy.sample_chunks(obs)
@@ -148,7 +155,7 @@ def test_learn_counts_primitive_steps(tmp_path):
 def test_save_load_predicts_the_same_chunk_and_resumes(tmp_path, compile_update):
     model = small_qc(chunk_size=3, actor_type="distill", compile_update=compile_update)
     model.learn(81)
-    assert (model._compiled_step is not None) == compile_update  # QC-FQL compiles its whole update as one graph
+    assert (compiled_parts(model)[0] is not None) == compile_update  # QC-FQL compiles its whole update as one graph
     model.save(tmp_path / "qc.zip")
     model.save_replay_buffer(tmp_path / "buffer.pkl")
     obs = np.array([0.5, -0.5, 0.1], dtype=np.float32)
@@ -157,7 +164,7 @@ def test_save_load_predicts_the_same_chunk_and_resumes(tmp_path, compile_update)
 
     loaded = QC.load(tmp_path / "qc.zip", env=gym.make("Pendulum-v1"))
     assert loaded.chunk_size == 3 and loaded.actor_type == "distill" and loaded.env.get_attr("chunk_size") == [3]
-    assert loaded.compile_update == compile_update and loaded._compiled_step is None  # compiled again on first use
+    assert loaded.compile_update == compile_update and loaded._compiled_update is None  # compiled again on first use
     th.manual_seed(7)
     np.testing.assert_allclose(loaded.predict(obs)[0], expected, rtol=1e-6)
     for (name, p1), p2 in zip(model.policy.state_dict().items(), loaded.policy.state_dict().values()):
@@ -197,7 +204,7 @@ def test_dict_observations(compiled):
     env = ScriptedEnv(dict_obs=True, truncate_at=9)
     model = QC("MultiInputPolicy", env, chunk_size=2, seed=0, compile_update=compiled, **config)
     model.learn(50)
-    assert model._n_updates > 0 and (model._compiled_losses is not None) == compiled
+    assert model._n_updates > 0 and (compiled_parts(model)[1] is not None) == compiled
     chunk, _ = model.predict({"count": np.array([1.0], dtype=np.float32), "twice": np.array([2.0], dtype=np.float32)})
     assert chunk.shape == (4,)
 
@@ -255,7 +262,7 @@ def targets_and_samples(model, data, precision):
         features = model.actor.extract_features(data.observations, model.actor.features_extractor)
         noise = th.randn(data.rewards.shape[0], 8, policy.chunk_dim, generator=th.Generator().manual_seed(2))
         with policy.sampling_autocast(len(noise)):
-            flow = policy.flow_actions(features, noise).float()
+            flow = policy.actor.flow_actions(features, noise).float()
     assert next_chunks.dtype == target.dtype == th.float32
     return target, next_chunks, flow
 
@@ -349,8 +356,8 @@ def test_compiled_update_matches_eager(actor_type):
     for _ in range(2):
         assert_same_step_stats(eager, compiled, data, rel=1e-4, abs=1e-5)
     # QC-FQL compiles its whole update (gradient, Adam, Polyak) as one graph, best-of-N its losses.
-    assert (compiled._compiled_step if actor_type == "distill" else compiled._compiled_losses) is not None
-    assert eager._compiled_losses is None and eager._compiled_step is None
+    assert compiled_parts(compiled)[0 if actor_type == "distill" else 1] is not None
+    assert eager._compiled_update is None
     for name, param in eager.policy.state_dict().items():
         np.testing.assert_allclose(compiled.policy.state_dict()[name].numpy(), param.numpy(), atol=1e-5, err_msg=name)
 
@@ -365,7 +372,7 @@ def test_one_graph_update_follows_new_optimizer_state_and_learning_rate():
     eager.learn(60)
     compiled = small_qc(**kwargs, compile_update=True)
     compiled.learn(45)
-    assert compiled._compiled_step is not None and compiled._compiled_losses is None
+    assert compiled_parts(compiled)[0] is not None and compiled_parts(compiled)[1] is None
     compiled.policy.load_state_dict(eager.policy.state_dict())
     for name in ("actor", "critic"):
         getattr(compiled, name).optimizer.load_state_dict(copy.deepcopy(getattr(eager, name).optimizer.state_dict()))
@@ -396,12 +403,12 @@ def test_one_graph_update_is_compiled_once_for_many_models():
     kwargs = dict(chunk_size=3, actor_type="distill", compile_update=True, policy_kwargs=dict(net_arch=[16, 16]))
     first = small_qc(**kwargs)
     first.learn(45)
-    assert first._compiled_step is not None
+    assert compiled_parts(first)[0] is not None
     graphs = counters["stats"]["unique_graphs"]
     for _ in range(3):
         other = small_qc(**kwargs)
         other.learn(45)
-        assert other._compiled_step is not None and other._n_updates == first._n_updates
+        assert compiled_parts(other)[0] is not None and other._n_updates == first._n_updates
     assert counters["stats"]["unique_graphs"] == graphs
 
 

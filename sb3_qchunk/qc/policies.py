@@ -1,8 +1,6 @@
 """Policies for QC: a flow-matching actor over action chunks, an ensemble of chunk critics, and an
 optional one-step (distilled) actor."""
 
-import functools
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -18,96 +16,19 @@ from stable_baselines3.common.torch_layers import (
 )
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from torch import nn
-from torch.nn import functional as F
+
+from sb3_qchunk.common.precision import (
+    AUTO_BF16_MIN_BATCH,
+    SAMPLING_PRECISIONS,
+    TRAINING_PRECISIONS,
+    bf16_autocast,
+    compile_options,
+    has_fast_bf16,
+)
+from sb3_qchunk.common.torch_layers import EnsembleLayerNorm, EnsembleLinear
 
 ACTOR_TYPES = ("best_of_n", "distill")
 Q_AGGREGATIONS = ("mean", "min")
-SAMPLING_PRECISIONS = ("auto", "float32", "bfloat16")
-TRAINING_PRECISIONS = ("float32", "bfloat16")
-# "auto" samples in bf16 from this many observations per call: below it (acting in one env) the casts cost more
-# than the matmuls save (measured: best-of-8 for one observation, 256x256, 1.3 ms fp32 against 2.2 ms bf16).
-AUTO_BF16_MIN_BATCH = 64
-
-
-@functools.cache
-def has_fast_bf16(device_type: str) -> bool:
-    """
-    Whether bfloat16 matmuls are native (faster than float32) on this kind of device: CUDA GPUs with bf16
-    support, CPUs with AVX512-BF16 or AMX. Elsewhere bf16 is emulated and slower than float32.
-    """
-    if device_type == "cuda":
-        return th.cuda.is_available() and th.cuda.is_bf16_supported()
-    if device_type == "cpu":  # private probes of torch.cpu (torch >= 2.3); absent ones count as "no"
-        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-        return any(getattr(th.cpu, probe, lambda: False)() for probe in probes)
-    return False
-
-
-def compile_options(device: th.device) -> dict[str, Any]:
-    """
-    The inductor options QC compiles its update and its action choice with (``compile_update``,
-    ``compile_sampling``). On CPU: ``realize_cpu_opcount_threshold=4`` stores a pointwise result that several
-    kernels read instead of recomputing it in each (inductor's CPU default, 50, recomputes e.g. the erf-GELU that a
-    LayerNorm reads three times: mean, variance, normalisation), and ``cpp_wrapper`` calls a compiled graph's
-    kernels from C++ instead of Python. Against inductor's defaults on the 2-core CPU (small config,
-    ``benchmarks/results/levers*.md``): QC-FQL +11% (2 threads) and +13% (1 thread); best-of-N +9% on 1 thread,
-    -4% to 0% on 2 (where ``cpp_wrapper`` alone gains ~4% and the threshold gives it back). Elsewhere, inductor's
-    defaults.
-
-    :param device: the device the compiled code runs on
-    """
-    if device.type != "cpu":
-        return {}
-    from torch._inductor import config as inductor_config
-
-    options: dict[str, Any] = {"cpp_wrapper": True}
-    if hasattr(inductor_config, "realize_cpu_opcount_threshold"):  # not in every torch version: then the default
-        options["realize_cpu_opcount_threshold"] = 4
-    return options
-
-
-class EnsembleLinear(nn.Module):
-    """
-    ``n_members`` independent linear layers evaluated with one batched matmul.
-
-    :param n_members: number of ensemble members (K)
-    :param in_features: input size
-    :param out_features: output size
-    :param bias: whether to add a bias
-    """
-
-    def __init__(self, n_members: int, in_features: int, out_features: int, bias: bool = True) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(th.empty(n_members, in_features, out_features))
-        self.bias = nn.Parameter(th.empty(n_members, 1, out_features)) if bias else None
-        # Same initialisation as nn.Linear, member by member.
-        bound = 1.0 / math.sqrt(in_features) if in_features > 0 else 0.0
-        nn.init.uniform_(self.weight, -bound, bound)
-        if self.bias is not None:
-            nn.init.uniform_(self.bias, -bound, bound)
-
-    def forward(self, x: th.Tensor) -> th.Tensor:
-        """
-        :param x: (K, B, in) or (B, in) (the same input for every member)
-        :return: (K, B, out)
-        """
-        if x.dim() == 2:
-            out = th.matmul(x, self.weight)
-        else:
-            out = th.bmm(x, self.weight)
-        return out if self.bias is None else out + self.bias
-
-
-class EnsembleLayerNorm(nn.Module):
-    """LayerNorm over the last dimension with a separate affine transform per ensemble member."""
-
-    def __init__(self, n_members: int, features: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(th.ones(n_members, 1, features))
-        self.bias = nn.Parameter(th.zeros(n_members, 1, features))
-
-    def forward(self, x: th.Tensor) -> th.Tensor:
-        return th.addcmul(self.bias, F.layer_norm(x, x.shape[-1:]), self.weight)  # one pass for the affine part
 
 
 class FlowVelocityField(nn.Module):
@@ -190,6 +111,7 @@ class FlowActor(BaseModel):
     :param activation_fn: activation function
     :param layer_norm: LayerNorm in the actor networks
     :param actor_type: "best_of_n" (QC) or "distill" (QC-FQL)
+    :param flow_steps: Euler steps of the flow's integration
     :param normalize_images: whether to divide images by 255
     """
 
@@ -203,6 +125,7 @@ class FlowActor(BaseModel):
         activation_fn: type[nn.Module] = nn.GELU,
         layer_norm: bool = False,
         actor_type: str = "best_of_n",
+        flow_steps: int = 10,
         normalize_images: bool = True,
     ) -> None:
         super().__init__(
@@ -212,11 +135,48 @@ class FlowActor(BaseModel):
             normalize_images=normalize_images,
         )
         action_dim = get_action_dim(action_space)
+        self.flow_steps = flow_steps
         self.flow = FlowVelocityField(features_dim, action_dim, net_arch, activation_fn, layer_norm)
         self.onestep: nn.Module | None = None
         if actor_type == "distill":
             layers = create_mlp(features_dim + action_dim, action_dim, net_arch, activation_fn)
             self.onestep = nn.Sequential(*layers)
+
+    def flow_actions(self, features: th.Tensor, noise: th.Tensor) -> th.Tensor:
+        """
+        Chunks of the BC flow for the given noise, in [-1, 1].
+
+        :param features: (B, features_dim) observation features
+        :param noise: x0 ~ N(0, I), (B, D) or (B, N, D) for N chunks per observation
+        :return: chunks of the noise's shape
+        """
+        embedding = self.flow.embed_obs(features)
+        if noise.dim() == 3:
+            embedding = embedding.unsqueeze(1)
+        return self.flow.integrate(embedding, noise, self.flow_steps)
+
+    def onestep_actions(self, features: th.Tensor, noise: th.Tensor) -> th.Tensor:
+        """Unclipped chunks of the distilled one-step actor mu(s, z) (``actor_type="distill"``), (B, D)."""
+        assert self.onestep is not None, "The one-step actor exists only for actor_type='distill'"
+        return self.onestep(th.cat([features, noise], dim=-1))
+
+    def best_of_n(
+        self, features: th.Tensor, critic_features: th.Tensor, critic: "EnsembleCritic", noise: th.Tensor, q_aggregation: str
+    ) -> th.Tensor:
+        """
+        Turn N noise draws per observation into flow chunks and keep the one ``critic`` values most (QC's actor).
+
+        :param features: (B, features_dim) the actor's observation features
+        :param critic_features: (B, features_dim) the critic's observation features
+        :param critic: the critic that ranks the candidates
+        :param noise: (B, N, D) standard normal noise
+        :param q_aggregation: "mean" or "min" over the critic ensemble
+        :return: (B, D) chunks in [-1, 1]
+        """
+        candidates = self.flow_actions(features, noise)  # (B, N, D)
+        q_values = aggregate_q(critic.q_from_features(critic_features, candidates), q_aggregation)  # (B, N)
+        best = q_values.argmax(dim=1)
+        return candidates[th.arange(candidates.shape[0], device=candidates.device), best]
 
 
 class EnsembleCritic(BaseModel):
@@ -329,6 +289,9 @@ class QCPolicy(BasePolicy):
         (``benchmarks/results/throughput.md``), for up to tens of seconds of compilation at the first call on a
         machine. The update's sampling is compiled with the rest of the update by the algorithm's
         ``compile_update``. Compiled and eager code draw the same noise, so they agree for a seed
+    :param compile_options: inductor options of ``torch.compile`` for ``compile_sampling`` and the algorithm's
+        ``compile_update``; None for the defaults chosen by measurement
+        (:func:`sb3_qchunk.common.precision.compile_options`)
     :param critic_layer_norm: LayerNorm in the critics
     :param actor_layer_norm: LayerNorm in the actors
     :param features_extractor_class: features extractor class
@@ -358,6 +321,7 @@ class QCPolicy(BasePolicy):
         sampling_precision: str = "auto",
         training_precision: str = "float32",
         compile_sampling: bool = False,
+        compile_options: dict[str, Any] | None = None,
         critic_layer_norm: bool = True,
         actor_layer_norm: bool = False,
         features_extractor_class: type[BaseFeaturesExtractor] = FlattenExtractor,
@@ -407,6 +371,7 @@ class QCPolicy(BasePolicy):
         self.sampling_precision = sampling_precision
         self.training_precision = training_precision
         self.compile_sampling = compile_sampling
+        self.compile_options = compile_options
         self.critic_layer_norm = critic_layer_norm
         self.actor_layer_norm = actor_layer_norm
         self.chunk_dim = get_action_dim(action_space)  # size of the flattened chunk (a plain int: no numpy when compiled)
@@ -442,6 +407,7 @@ class QCPolicy(BasePolicy):
             self.activation_fn,
             layer_norm=self.actor_layer_norm,
             actor_type=self.actor_type,
+            flow_steps=self.flow_steps,
             normalize_images=self.normalize_images,
         ).to(self.device)
 
@@ -473,6 +439,7 @@ class QCPolicy(BasePolicy):
                 sampling_precision=self.sampling_precision,
                 training_precision=self.training_precision,
                 compile_sampling=self.compile_sampling,
+                compile_options=self.compile_options,
                 critic_layer_norm=self.critic_layer_norm,
                 actor_layer_norm=self.actor_layer_norm,
                 lr_schedule=self._dummy_schedule,
@@ -499,7 +466,7 @@ class QCPolicy(BasePolicy):
 
     def bf16_autocast(self, enabled: bool) -> th.autocast:
         """bfloat16 autocast on the policy's device if ``enabled``, else a disabled autocast (float32 stays float32)."""
-        return th.autocast(self.device.type, dtype=th.bfloat16, enabled=enabled)
+        return bf16_autocast(self.device.type, enabled)
 
     def training_autocast(self) -> th.autocast:
         """The autocast context of the gradient path: bf16 with ``training_precision="bfloat16"``, disabled otherwise."""
@@ -508,32 +475,6 @@ class QCPolicy(BasePolicy):
     def sampling_autocast(self, batch_size: int) -> th.autocast:
         """The autocast context of the no-gradient sampling path (see :meth:`sampling_bf16`)."""
         return self.bf16_autocast(self.sampling_bf16(batch_size))
-
-    def flow_actions(self, actor_features: th.Tensor, noise: th.Tensor) -> th.Tensor:
-        """Chunks from the BC flow for the given noise, (B, D) or (B, N, D)."""
-        embedding = self.actor.flow.embed_obs(actor_features)
-        if noise.dim() == 3:
-            embedding = embedding.unsqueeze(1)
-        return self.actor.flow.integrate(embedding, noise, self.flow_steps)
-
-    def onestep_actions(self, actor_features: th.Tensor, noise: th.Tensor) -> th.Tensor:
-        """Unclipped chunks of the distilled one-step actor mu(s, z)."""
-        assert self.actor.onestep is not None, "The one-step actor exists only for actor_type='distill'"
-        return self.actor.onestep(th.cat([actor_features, noise], dim=-1))
-
-    def best_of_n(
-        self, actor_features: th.Tensor, critic_features: th.Tensor, critic: EnsembleCritic, noise: th.Tensor
-    ) -> th.Tensor:
-        """
-        Turn ``num_samples`` noise draws per observation into flow chunks and keep the one ``critic`` values most.
-
-        :param noise: (B, N, D) standard normal noise, N = ``num_samples``
-        :return: (B, D) chunks in [-1, 1]
-        """
-        candidates = self.flow_actions(actor_features, noise)  # (B, N, D)
-        q_values = aggregate_q(critic.q_from_features(critic_features, candidates), self.q_aggregation)  # (B, N)
-        best = q_values.argmax(dim=1)
-        return candidates[th.arange(candidates.shape[0], device=candidates.device), best]
 
     def sampling_noise(self, batch_size: int) -> th.Tensor:
         """
@@ -549,8 +490,12 @@ class QCPolicy(BasePolicy):
         if not self.compile_sampling:
             return self.sample_chunks_from_noise
         if self._compiled_sampling is None:
-            self._compiled_sampling = th.compile(self.sample_chunks_from_noise, options=compile_options(self.device))
+            self._compiled_sampling = th.compile(self.sample_chunks_from_noise, options=self.inductor_options())
         return self._compiled_sampling
+
+    def inductor_options(self) -> dict[str, Any]:
+        """The inductor options compiled code of this policy and its algorithm use (see ``compile_options``)."""
+        return compile_options(self.device) if self.compile_options is None else dict(self.compile_options)
 
     def sample_chunks_from_noise(self, obs: PyTorchObs, noise: th.Tensor) -> th.Tensor:
         """
@@ -560,9 +505,9 @@ class QCPolicy(BasePolicy):
         """
         actor_features = self.actor.extract_features(obs, self.actor.features_extractor)
         if self.actor_type == "distill":
-            return self.onestep_actions(actor_features, noise).clamp(-1.0, 1.0)
+            return self.actor.onestep_actions(actor_features, noise).clamp(-1.0, 1.0)
         critic_features = self.critic.extract_features(obs, self.critic.features_extractor)
-        return self.best_of_n(actor_features, critic_features, self.critic, noise)
+        return self.actor.best_of_n(actor_features, critic_features, self.critic, noise, self.q_aggregation)
 
     @th.no_grad()
     def sample_chunks(self, obs: PyTorchObs) -> th.Tensor:
@@ -611,6 +556,7 @@ class MultiInputPolicy(QCPolicy):
         sampling_precision: str = "auto",
         training_precision: str = "float32",
         compile_sampling: bool = False,
+        compile_options: dict[str, Any] | None = None,
         critic_layer_norm: bool = True,
         actor_layer_norm: bool = False,
         features_extractor_class: type[BaseFeaturesExtractor] = CombinedExtractor,
@@ -633,6 +579,7 @@ class MultiInputPolicy(QCPolicy):
             sampling_precision,
             training_precision,
             compile_sampling,
+            compile_options,
             critic_layer_norm,
             actor_layer_norm,
             features_extractor_class,

@@ -2,7 +2,6 @@ import io
 import math
 import warnings
 import pathlib
-from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -18,14 +17,13 @@ from stable_baselines3.common.save_util import load_from_pkl, load_from_zip_file
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, RolloutReturn, Schedule, TrainFreq
 from stable_baselines3.common.utils import should_collect_more_steps
 from stable_baselines3.common.vec_env import VecEnv
-from torch import nn
-from torch.optim.adam import adam
 from tqdm.auto import tqdm
 
 from sb3_qchunk.common.buffers import ChunkReplayBuffer, ChunkReplayBufferSamples, usable_windows
 from sb3_qchunk.common.callbacks import ChunkProgressBarCallback
 from sb3_qchunk.common.env_util import check_finite_observations, check_finite_transitions, wrap_chunked
 from sb3_qchunk.datasets import load_dataset, validate_dataset
+from sb3_qchunk.qc.compiled_update import COMPILE_MODES, CompiledUpdate, supports_one_graph
 from sb3_qchunk.qc.policies import (
     ACTOR_TYPES,
     Q_AGGREGATIONS,
@@ -35,7 +33,6 @@ from sb3_qchunk.qc.policies import (
     MultiInputPolicy,
     QCPolicy,
     aggregate_q,
-    compile_options,
 )
 
 SelfQC = TypeVar("SelfQC", bound="QC")
@@ -63,23 +60,6 @@ def chunked_critic_target(
     :param chunk_size: h
     """
     return rewards + gamma**chunk_size * masks * next_q
-
-
-class LossesModule(nn.Module):
-    """
-    :meth:`QC._losses` as the forward of a module that holds the policy, so that ``torch.func.functional_call`` can
-    evaluate the losses at other values of the policy's parameters (what ``torch.func.grad`` differentiates).
-
-    :param model: the QC model
-    """
-
-    def __init__(self, model: "QC") -> None:
-        super().__init__()
-        self.policy = model.policy
-        self.losses = model._losses  # a bound method: neither a submodule nor a parameter
-
-    def forward(self, *inputs: Any) -> tuple[th.Tensor, th.Tensor]:
-        return self.losses(*inputs)
 
 
 class QC(OffPolicyAlgorithm):
@@ -126,15 +106,13 @@ class QC(OffPolicyAlgorithm):
     :param n_critics: size K of the critic ensemble
     :param q_aggregation: "mean" (paper default) or "min" over the critic ensemble
     :param action_chunking: False for the n-step ablations (BFN-n / FQL-n)
-    :param compile_update: ``torch.compile`` the losses of each gradient update (critic target with its
-        sampling, both losses) into one forward and one backward graph. On a 2-core CPU, against the eager update
-        with bf16 sampling: best-of-N 1.6-1.8x the updates/s, QC-FQL 1.1-1.4x (``benchmarks/results/throughput.md``),
-        for 30-40 s of compilation at the first update on a machine (~5 s once torch's on-disk cache holds the
-        kernels). Compiled and eager updates draw the same random numbers and agree to float rounding. For
-        ``actor_type="distill"`` with Adam or AdamW (the default), the whole update is compiled as one function
-        instead (:meth:`_one_graph_step`: gradient, Adam step and Polyak update, nothing in Python between them):
-        1.05-1.09x the updates/s of the two-graph update for QC-FQL, while best-of-N runs slower that way
-        (0.90-0.97x), so it keeps two graphs (``benchmarks/results/levers_update_graphs_amd_epyc.md``)
+    :param compile_update: ``torch.compile`` each gradient update (:mod:`sb3_qchunk.qc.compiled_update`): True for the
+        faster way per actor (the whole update as one graph for ``actor_type="distill"`` with Adam/AdamW, the losses'
+        forward and backward graphs for best-of-N), or ``"one_graph"`` / ``"two_graphs"``. On a 2-core CPU it ran
+        best-of-N at 1.6-1.8x and QC-FQL at 1.1-1.4x the updates/s of the eager update with bf16 sampling, for
+        20-40 s of compilation at the first update on a machine (about 5 s once torch's on-disk cache holds the
+        kernels): worth it for runs of more than a few minutes. Compiled and eager updates draw the same random
+        numbers and agree to float rounding. Inductor options: ``policy_kwargs=dict(compile_options=...)``
     :param learning_rate: learning rate for Adam, constant or a function of the remaining progress
     :param buffer_size: size of the (online) replay buffer, in primitive transitions over all parallel envs
         (each env's ring holds ``buffer_size // n_envs``, as in SB3)
@@ -188,7 +166,7 @@ class QC(OffPolicyAlgorithm):
         n_critics: int = 2,
         q_aggregation: str = "mean",
         action_chunking: bool = True,
-        compile_update: bool = False,
+        compile_update: bool | str = False,
         learning_rate: float | Schedule = 3e-4,
         buffer_size: int = 1_000_000,
         learning_starts: int = 5000,
@@ -228,10 +206,10 @@ class QC(OffPolicyAlgorithm):
             raise ValueError(f"QC counts train_freq in primitive steps only, got {train_freq}")
         self.chunk_size = int(chunk_size)
         self.action_chunking = action_chunking
+        if not isinstance(compile_update, bool) and compile_update not in COMPILE_MODES:
+            raise ValueError(f"compile_update must be True, False or one of {COMPILE_MODES}, got {compile_update!r}")
         self.compile_update = compile_update
-        self._compiled_losses: Callable[..., tuple[th.Tensor, th.Tensor]] | None = None
-        self._compiled_step: Callable[..., th.Tensor] | None = None
-        self._losses_module: LossesModule | None = None
+        self._compiled_update: CompiledUpdate | None = None
         if _init_setup_model:
             # (``load`` wraps the env itself, with the saved chunk size, before it builds the model.)
             env = wrap_chunked(env, self.env_chunk_size, gamma)
@@ -545,8 +523,8 @@ class QC(OffPolicyAlgorithm):
         distill_loss = th.zeros((), device=chunks.device)
         if self.actor_type == "distill":
             with th.no_grad(), policy.bf16_autocast(sampling_bf16):
-                target_flow_chunks = policy.flow_actions(actor_features, distill_noise).float()
-            onestep_chunks = policy.onestep_actions(actor_features, distill_noise).float()
+                target_flow_chunks = self.actor.flow_actions(actor_features, distill_noise).float()
+            onestep_chunks = self.actor.onestep_actions(actor_features, distill_noise).float()
             distill_loss = ((onestep_chunks - target_flow_chunks) ** 2).mean()
             frozen_critic = {name: param.detach() for name, param in self.critic.named_parameters()}
             q_actor = th.func.functional_call(self.critic, frozen_critic, (observations, onestep_chunks.clamp(-1.0, 1.0)))
@@ -565,14 +543,6 @@ class QC(OffPolicyAlgorithm):
         )
         return critic_loss + actor_loss, stats
 
-    def _loss_fn(self) -> Callable[..., tuple[th.Tensor, th.Tensor]]:
-        """:meth:`_losses`, or its ``torch.compile``'d version (built on first use) with ``compile_update``."""
-        if not self.compile_update:
-            return self._losses
-        if self._compiled_losses is None:
-            self._compiled_losses = th.compile(self._losses, options=compile_options(self.device))
-        return self._compiled_losses
-
     def _train_step(self, replay_data: ChunkReplayBufferSamples) -> dict[str, th.Tensor]:
         """One gradient step of the critic and the actor on ``replay_data``; its statistics by name."""
         return dict(zip(self.STATS, self._update(replay_data)))
@@ -590,119 +560,34 @@ class QC(OffPolicyAlgorithm):
             *self._update_noise(batch_size),
             self.policy.sampling_bf16(batch_size),
         )
-        one_graph = self._one_graph_update()
-        if one_graph and self._optimizers_have_state():
-            if self._compiled_step is None:
-                self._losses_module = LossesModule(self)
-                self._compiled_step = th.compile(self._one_graph_step, options=compile_options(self.device))
-            with self.policy.training_autocast():
-                return self._compiled_step(inputs, *self._one_graph_arguments())
-        # (The one-graph path's first update runs eagerly: it creates Adam's state, which the compiled step updates.)
-        loss_fn = self._losses if one_graph else self._loss_fn()
+        if self.compile_update:
+            if self._compiled_update is None:
+                self._compiled_update = CompiledUpdate(self, self._compile_mode(), self.policy.inductor_options())
+            return self._compiled_update(inputs)
         with self.policy.training_autocast():
-            loss, stats = loss_fn(*inputs)
+            loss, stats = self._losses(*inputs)
+        self._optimizer_step(loss)
+        return stats
+
+    def _optimizer_step(self, loss: th.Tensor) -> None:
+        """Back-propagate the summed losses, step both optimizers, then Polyak-average the target critic."""
         self.critic.optimizer.zero_grad()
         self.actor.optimizer.zero_grad()
         loss.backward()
         self.critic.optimizer.step()
         self.actor.optimizer.step()
-        with th.no_grad():  # Polyak averaging, all tensors at once
+        with th.no_grad():  # all tensors at once
             th._foreach_lerp_(self._target_params, self._online_params, self.tau)
-        return stats
 
-    def _one_graph_update(self) -> bool:
+    def _compile_mode(self) -> str:
         """
-        Whether updates run as :meth:`_one_graph_step`: with ``compile_update``, for QC-FQL (where it pays), with
-        Adam/AdamW optimizers (whose step it calls functionally; without AMSGrad).
+        How ``compile_update=True`` compiles: QC-FQL's whole update as one graph where its optimizers allow it (it ran
+        1.05-1.09x the updates/s of two graphs on a 2-core CPU), best-of-N's losses as two graphs (one graph ran
+        0.90-0.97x as fast for it).
         """
-        return (
-            self.compile_update
-            and self.actor_type == "distill"
-            and all(
-                isinstance(optimizer, th.optim.Adam)
-                and not any(group["amsgrad"] or group["differentiable"] for group in optimizer.param_groups)
-                for optimizer in (self.critic.optimizer, self.actor.optimizer)
-            )
-        )
-
-    def _optimizers_have_state(self) -> bool:
-        """Whether both optimizers hold the state of every parameter (they create it at their first step)."""
-        return all(
-            len(optimizer.state) == sum(len(group["params"]) for group in optimizer.param_groups)
-            for optimizer in (self.critic.optimizer, self.actor.optimizer)
-        )
-
-    def _one_graph_arguments(self) -> tuple[list[str], list[tuple[list[th.Tensor], ...]], list[dict[str, Any]]]:
-        """
-        What :meth:`_one_graph_step` needs of the optimizers, read anew at each update (``load_state_dict`` replaces
-        state tensors, schedules change the learning rate) and passed as plain lists: compiled code that touched the
-        optimizer objects themselves would be specialised to them (one compilation per model).
-
-        :return: the parameter names in the optimizers' order; per parameter group its parameters, ``exp_avg``,
-            ``exp_avg_sq`` and ``step`` tensors; per group its Adam settings
-        """
-        name_of = {param: name for name, param in self.policy.named_parameters()}
-        names, tensors, settings = [], [], []
-        for optimizer in (self.critic.optimizer, self.actor.optimizer):
-            for group in optimizer.param_groups:
-                state = [optimizer.state[param] for param in group["params"]]
-                names += [name_of[param] for param in group["params"]]
-                tensors.append(
-                    (group["params"], [s["exp_avg"] for s in state], [s["exp_avg_sq"] for s in state], [s["step"] for s in state])
-                )
-                settings.append(
-                    dict(
-                        beta1=group["betas"][0],
-                        beta2=group["betas"][1],
-                        lr=group["lr"],
-                        weight_decay=group["weight_decay"],
-                        eps=group["eps"],
-                        maximize=group["maximize"],
-                        decoupled_weight_decay=group.get("decoupled_weight_decay", False),
-                    )
-                )
-        return names, tensors, settings
-
-    def _one_graph_step(
-        self, inputs: tuple[Any, ...], names: list[str], tensors: list[tuple[list[th.Tensor], ...]], settings: list[dict[str, Any]]
-    ) -> th.Tensor:
-        """
-        One whole update as a single function for ``torch.compile``, as the reference jits its update: the gradient of
-        :meth:`_losses` with respect to the trainable parameters by ``torch.func.grad``, then torch's functional Adam
-        (``torch.optim.adam.adam``) on the optimizers' own state and the Polyak update, in place. ``Optimizer.step``
-        cannot be part of a compiled graph (it graph-breaks by design), hence the functional call. Takes the same steps
-        as :meth:`_losses` + ``backward`` + ``Optimizer.step`` (tested).
-
-        :param inputs: the arguments of :meth:`_losses`
-        :param names, tensors, settings: see :meth:`_one_graph_arguments`
-        :return: the statistics of :attr:`STATS`
-        """
-        params = [param for group_tensors in tensors for param in group_tensors[0]]
-
-        def losses_of(values: list[th.Tensor]) -> tuple[th.Tensor, th.Tensor]:
-            swapped = {f"policy.{name}": value for name, value in zip(names, values)}
-            return th.func.functional_call(self._losses_module, swapped, inputs, strict=False)
-
-        grads, stats = th.func.grad(losses_of, has_aux=True)(params)
-        start = 0
-        with th.no_grad():
-            for (group_params, exp_avgs, exp_avg_sqs, steps), group_settings in zip(tensors, settings):
-                end = start + len(group_params)
-                adam(
-                    group_params,
-                    grads[start:end],
-                    exp_avgs,
-                    exp_avg_sqs,
-                    [],
-                    steps,
-                    amsgrad=False,
-                    foreach=True,
-                    capturable=True,  # the step count stays a tensor: no host sync inside the graph
-                    **group_settings,
-                )
-                start = end
-            th._foreach_lerp_(self._target_params, self._online_params, self.tau)
-        return stats
+        if isinstance(self.compile_update, str):
+            return self.compile_update
+        return "one_graph" if self.actor_type == "distill" and supports_one_graph(self) else "two_graphs"
 
     # ----------------------------------------------------------------------------------------------
     # Collecting experience
@@ -988,9 +873,7 @@ class QC(OffPolicyAlgorithm):
             "offline_dataset",
             "_online_params",
             "_target_params",
-            "_compiled_losses",
-            "_compiled_step",
-            "_losses_module",
+            "_compiled_update",
             "_chunks_returned",
         ]
 
