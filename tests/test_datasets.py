@@ -259,7 +259,7 @@ def test_ogbench_loader_errors(tmp_path):
         np.savez(
             small, observations=np.zeros((3, 4)), actions=np.zeros((3, 5)), terminals=np.array([0, 0, 1]), rewards=np.zeros(3)
         )
-        load_ogbench_npz(small, env=gym.make("cube-single-v0"))
+        load_dataset(small, env=gym.make("cube-single-v0"))  # validated against the env's observation space
 
 
 # --------------------------------------------------------------------------------------------------

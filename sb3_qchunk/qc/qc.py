@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from sb3_qchunk.common.buffers import ChunkReplayBuffer, ChunkReplayBufferSamples, usable_windows
 from sb3_qchunk.common.callbacks import ChunkProgressBarCallback
 from sb3_qchunk.common.env_util import check_finite_observations, check_finite_transitions, wrap_chunked
-from sb3_qchunk.datasets import load_dataset, validate_dataset
+from sb3_qchunk.datasets import load_dataset
 from sb3_qchunk.qc.compiled_update import COMPILE_MODES, CompiledUpdate, supports_one_graph
 from sb3_qchunk.qc.policies import (
     ACTOR_TYPES,
@@ -328,8 +328,7 @@ class QC(OffPolicyAlgorithm):
         :param replace: drop the offline data loaded before instead of appending to it
         :param load_kwargs: passed to :func:`sb3_qchunk.datasets.load_dataset` (e.g. ``task_id``, ``sparse``)
         """
-        data = load_dataset(dataset, **load_kwargs)
-        validate_dataset(data, self.observation_space, self.primitive_action_space)
+        data = load_dataset(dataset, self.observation_space, self.primitive_action_space, **load_kwargs)
         scaled = dict(data)
         scaled["actions"] = self.scale_primitive_action(data["actions"])
         usable, total = usable_windows(np.asarray(data["terminals"]), self.chunk_size)
