@@ -12,7 +12,7 @@ turns in timed blocks of updates, and each block's rate is divided by the baseli
 table reports the median of those paired ratios and their quartiles, so a slow moment of the machine hits both
 sides of a ratio. ``baseline-again`` is a second, identical baseline model: its spread is the noise floor.
 
-    python benchmarks/levers.py --out benchmarks/results/levers.md          # both actors, 1 and 2 threads
+    python benchmarks/levers.py --out benchmarks/results/levers_<machine>.md        # both actors, 1 and 2 threads
     python benchmarks/levers.py --actors distill --threads 2 --rounds 8     # a part
     python benchmarks/levers.py --smoke --out /tmp/levers.md                # tiny, for the tests
 """

@@ -8,7 +8,7 @@ mixed two parallel envs would show another distance. At every checkpoint the scr
 them, and records the process's resident memory; at the end it says whether memory stayed flat after the rings
 were full.
 
-    python benchmarks/soak.py --out benchmarks/results/soak.md            # 200k primitive steps, ring of 1000
+    python benchmarks/soak.py --out benchmarks/results/soak_<machine>.md         # 200k primitive steps, ring of 1000
     python benchmarks/soak.py --smoke                                       # tiny (used by the tests)
 """
 

@@ -21,7 +21,7 @@ Buffers for (1) hold synthetic transitions, so those numbers measure the update 
 Each rate is the median of ``--repeats`` timed blocks, the algorithms interleaved block by block, so that a
 slower moment of the machine does not favour one of them.
 
-    python benchmarks/throughput.py --out benchmarks/results/throughput.md     # everything (~10 min on 2 cores)
+    python benchmarks/throughput.py --out benchmarks/results/throughput_<machine>.md   # everything (~10 min on 2 cores)
     python benchmarks/throughput.py --sections updates --configs small        # a part
     python benchmarks/throughput.py --device cuda --sections updates          # on a GPU
     python benchmarks/throughput.py --reference benchmarks/results/reference_amd_epyc.json    # with QC / reference

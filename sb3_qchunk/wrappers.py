@@ -7,6 +7,17 @@ import numpy as np
 from gymnasium import spaces
 
 
+def check_chunk_size(chunk_size: Any) -> int:
+    """
+    :param chunk_size: a number of primitive actions per chunk
+    :return: it as an int
+    :raises ValueError: unless it is an integer >= 1 (not a bool)
+    """
+    if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    return int(chunk_size)
+
+
 def chunk_action_space(action_space: spaces.Space, chunk_size: int) -> spaces.Space:
     """
     The action space of ``chunk_size`` primitive actions taken one after the other, flattened.
@@ -18,9 +29,7 @@ def chunk_action_space(action_space: spaces.Space, chunk_size: int) -> spaces.Sp
     :param chunk_size: number of primitive actions in a chunk (h)
     :return: the chunk action space
     """
-    if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
-    h = int(chunk_size)
+    h = check_chunk_size(chunk_size)
     if isinstance(action_space, spaces.Box):
         low = np.tile(action_space.low.reshape(-1), h)
         high = np.tile(action_space.high.reshape(-1), h)

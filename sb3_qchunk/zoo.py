@@ -27,12 +27,16 @@ from copy import deepcopy
 from typing import Any
 
 import gymnasium as gym
-import optuna
-import rl_zoo3
-import rl_zoo3.hyperparams_opt
-import rl_zoo3.train
-from rl_zoo3.exp_manager import ExperimentManager
-from rl_zoo3.utils import get_wrapper_class
+
+try:
+    import optuna
+    import rl_zoo3
+    import rl_zoo3.hyperparams_opt
+    import rl_zoo3.train
+    from rl_zoo3.exp_manager import ExperimentManager
+    from rl_zoo3.utils import get_wrapper_class
+except ImportError as error:
+    raise ImportError(f"sb3_qchunk.zoo needs RL Zoo: pip install 'sb3-qchunk[zoo]' ({error})") from error
 
 from sb3_qchunk.qc import QC
 

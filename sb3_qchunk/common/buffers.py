@@ -11,6 +11,7 @@ from stable_baselines3.common.type_aliases import TensorDict
 from stable_baselines3.common.vec_env import VecNormalize
 
 from sb3_qchunk.datasets import cast_lossless
+from sb3_qchunk.wrappers import check_chunk_size
 
 # Observations are stored in a dict, under this key when the observation space is not a Dict.
 _OBS_KEY = "obs"
@@ -18,7 +19,7 @@ _OBS_KEY = "obs"
 
 class ChunkReplayBufferSamples(NamedTuple):
     """
-    A batch of windows t .. t+h-1 (see DESIGN.md).
+    A batch of windows t .. t+h-1 of primitive steps, for the h-step backup of a chunk.
 
     :param observations: s_t
     :param actions: a_t .. a_{t+h-1}, (B, h, A), scaled to [-1, 1]
@@ -114,8 +115,7 @@ class ChunkReplayBuffer(BaseBuffer):
         gamma: float = 0.99,
         offline_fraction: float | None = None,
     ) -> None:
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        chunk_size = check_chunk_size(chunk_size)
         if buffer_size // n_envs < chunk_size:
             raise ValueError(
                 f"buffer_size={buffer_size} over n_envs={n_envs} gives each env a ring of {buffer_size // n_envs} "

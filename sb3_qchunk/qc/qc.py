@@ -1,7 +1,7 @@
 import io
 import math
-import warnings
 import pathlib
+import warnings
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -34,6 +34,7 @@ from sb3_qchunk.qc.policies import (
     QCPolicy,
     aggregate_q,
 )
+from sb3_qchunk.wrappers import check_chunk_size
 
 SelfQC = TypeVar("SelfQC", bound="QC")
 
@@ -187,8 +188,6 @@ class QC(OffPolicyAlgorithm):
         device: th.device | str = "auto",
         _init_setup_model: bool = True,
     ) -> None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
         if actor_type not in ACTOR_TYPES:
             raise ValueError(f"actor_type must be one of {ACTOR_TYPES}, got {actor_type!r}")
         if q_aggregation not in Q_AGGREGATIONS:
@@ -204,7 +203,7 @@ class QC(OffPolicyAlgorithm):
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
         if isinstance(train_freq, tuple) and train_freq[1] != "step":
             raise ValueError(f"QC counts train_freq in primitive steps only, got {train_freq}")
-        self.chunk_size = int(chunk_size)
+        self.chunk_size = check_chunk_size(chunk_size)
         self.action_chunking = action_chunking
         if not isinstance(compile_update, bool) and compile_update not in COMPILE_MODES:
             raise ValueError(f"compile_update must be True, False or one of {COMPILE_MODES}, got {compile_update!r}")
@@ -263,12 +262,8 @@ class QC(OffPolicyAlgorithm):
         self._setup_lr_schedule()
         self.set_random_seed(self.seed)
         assert isinstance(self.action_space, spaces.Box)
-        primitive_dim = self.action_space.shape[0] // self.env_chunk_size
-        self.primitive_action_space = spaces.Box(
-            low=self.action_space.low[:primitive_dim],
-            high=self.action_space.high[:primitive_dim],
-            dtype=self.action_space.dtype,  # type: ignore[arg-type]
-        )
+        if self.env is not None:  # (without an env, load() restored it with the model's other attributes)
+            self.primitive_action_space = self.env.get_attr("primitive_action_space")[0]
         if self.replay_buffer is None:
             self.replay_buffer = ChunkReplayBuffer(
                 self.buffer_size,
