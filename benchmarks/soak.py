@@ -129,7 +129,8 @@ def main() -> None:
         *report_header("Soak: QC's online loop over a small ring buffer", "cpu"),
         "",
         f"{args.steps} primitive steps, rings of {args.buffer_size // args.n_envs} transitions x {args.n_envs} envs, "
-        f"chunk_size {args.chunk_size}: {elapsed:.0f} s, {model._n_updates} gradient steps.",
+        f"chunk_size {args.chunk_size}: {elapsed:.0f} s, {checkpoints.n_calls} chunks per env, each followed by one "
+        "gradient step once 100 steps were stored.",
         "",
         "| primitive steps | ring wraps | stored | resident MiB | bad windows so far |",
         "|---|---|---|---|---|",

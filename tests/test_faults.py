@@ -410,3 +410,55 @@ def test_contradicting_task_ids_are_refused(tmp_path):
     np.savez(path, observations=np.zeros((3, 28)), actions=np.zeros((3, 5)), terminals=np.array([0, 0, 1]), qpos=np.zeros((3, 21)))
     with pytest.raises(ValueError, match=r"task_id=2 contradicts env 'cube-single-singletask-task1-v0' \(task 1\)"):
         load_ogbench_npz(path, task_id=2, env="cube-single-singletask-task1-v0")
+
+
+# ------------------------------------------------------------------------------------------------
+# 8 (cont.). A chunk policy on a primitive-step env, through SB3's evaluate_policy
+# ------------------------------------------------------------------------------------------------
+class CountingChunks:
+    """A chunk policy whose k-th call (0-based) returns, for each env, the chunk [10k, 10k + 1, ...] of 1-d actions."""
+
+    observation_space = spaces.Box(0.0, 1000.0, (1,), np.float32)
+    env_chunk_size = 3
+
+    def __init__(self):
+        self.calls = 0
+
+    def predict(self, observation, state=None, episode_start=None, deterministic=False):
+        chunk = 10.0 * self.calls + np.arange(3, dtype=np.float32)
+        self.calls += 1
+        return np.tile(chunk, (len(observation), 1)), None
+
+
+@pytest.mark.parametrize(
+    "replan_every, expected, after_reset",
+    [(None, [0, 1, 2, 10, 11, 12, 20], 30), (2, [0, 1, 10, 11, 20, 21, 30], 40)],
+)
+def test_chunk_executor_runs_chunks_one_action_at_a_time(replan_every, expected, after_reset):
+    from sb3_qchunk.common.execution import ChunkExecutor
+
+    executor = ChunkExecutor(CountingChunks(), replan_every=replan_every)
+    actions = [executor.predict(np.zeros(1))[0] for _ in range(7)]
+    assert [float(a[0]) for a in actions] == expected
+    # A new episode drops the rest of the chunk: the next action is the first of a new chunk.
+    action, _ = executor.predict(np.zeros(1), episode_start=np.array([True]))
+    assert float(action[0]) == after_reset
+    # Batched: each env keeps its own chunk.
+    batched = ChunkExecutor(CountingChunks())
+    first, _ = batched.predict(np.zeros((2, 1)))
+    second, _ = batched.predict(np.zeros((2, 1)), episode_start=np.array([False, True]))
+    assert first[:, 0].tolist() == [0.0, 0.0] and second[:, 0].tolist() == [1.0, 10.0]
+
+
+def test_evaluate_policy_on_a_primitive_env_through_the_executor():
+    from stable_baselines3.common.evaluation import evaluate_policy
+
+    from sb3_qchunk.common.execution import ChunkExecutor
+
+    model = qc(ScriptedEnv(truncate_at=7), chunk_size=5)
+    env = ScriptedEnv(truncate_at=7)
+    returns, lengths = evaluate_policy(ChunkExecutor(model), env, n_eval_episodes=2, return_episode_rewards=True, warn=False)
+    assert lengths == [7, 7] and returns == [28.0, 28.0]
+    assert len(env.actions_seen) == 14 and all(np.shape(a) == (2,) for a in env.actions_seen)
+    with pytest.raises(ValueError, match="replan_every must be None or in"):
+        ChunkExecutor(model, replan_every=6)

@@ -7,6 +7,7 @@ import pytest
 import torch as th
 from gymnasium import spaces
 from scripted_envs import ScriptedEnv, SparseChainEnv
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import configure
 
@@ -460,3 +461,23 @@ def test_actor_q_term_does_not_train_the_critic():
     loss_without_q, _ = model._losses(*args)
     actor_grads_without_q = th.autograd.grad(loss_without_q, list(model.actor.onestep.parameters()))
     assert any(not th.allclose(a, b) for a, b in zip(actor_grads, actor_grads_without_q))
+
+
+class _StopAtOnce(BaseCallback):
+    def _on_step(self):
+        return False
+
+
+def test_auto_compile_update_compiles_long_runs_only():
+    model = small_qc(chunk_size=2, learning_starts=0)  # compile_update="auto" by default
+    model.AUTO_COMPILE_UPDATES = 100
+    model.learn(40, callback=_StopAtOnce())  # plans 40 updates: eager
+    assert not model._compiling
+    model.learn(100, callback=_StopAtOnce(), reset_num_timesteps=False)  # plans 100 more (one per primitive step)
+    assert model._compiling and model._compiled_update is None  # compiled at the next update
+    eager = small_qc(chunk_size=2, learning_starts=0, gradient_steps=1)
+    eager.AUTO_COMPILE_UPDATES = 100
+    eager.learn(150, callback=_StopAtOnce())  # one update per chunk of 2 steps: 75 updates
+    assert not eager._compiling
+    with pytest.raises(ValueError, match="compile_update must be 'auto', True, False or one of"):
+        small_qc(compile_update="yes")

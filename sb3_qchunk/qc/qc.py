@@ -107,13 +107,17 @@ class QC(OffPolicyAlgorithm):
     :param n_critics: size K of the critic ensemble
     :param q_aggregation: "mean" (paper default) or "min" over the critic ensemble
     :param action_chunking: False for the n-step ablations (BFN-n / FQL-n)
-    :param compile_update: ``torch.compile`` each gradient update (:mod:`sb3_qchunk.qc.compiled_update`): True for the
-        faster way per actor (the whole update as one graph for ``actor_type="distill"`` with Adam/AdamW, the losses'
-        forward and backward graphs for best-of-N), or ``"one_graph"`` / ``"two_graphs"``. On a 2-core CPU it ran
-        best-of-N at 1.6-1.8x and QC-FQL at 1.1-1.4x the updates/s of the eager update with bf16 sampling, for
-        20-40 s of compilation at the first update on a machine (about 5 s once torch's on-disk cache holds the
-        kernels): worth it for runs of more than a few minutes. Compiled and eager updates draw the same random
-        numbers and agree to float rounding. Inductor options: ``policy_kwargs=dict(compile_options=...)``
+    :param compile_update: ``torch.compile`` each gradient update (:mod:`sb3_qchunk.qc.compiled_update`). ``"auto"``
+        (default): compile from the first :meth:`pretrain` or :meth:`learn` call that plans at least
+        ``AUTO_COMPILE_UPDATES`` gradient steps, where the 20-40 s of compilation at the first compiled update pay
+        off (on a 2-core CPU the compiled update ran best-of-N at 1.6-1.8x and QC-FQL at 1.1-1.5x the eager
+        updates/s: compilation is repaid after about 3000-7000 updates at 256x256, a few hundred at 4x512), and
+        run eagerly before, so short runs do not wait for the compiler (a long run split into shorter calls, e.g.
+        ``pretrain`` in blocks between evaluations, stays eager: pass True). True or False to decide yourself;
+        ``"one_graph"`` / ``"two_graphs"`` to choose how (True: the whole update as one graph for
+        ``actor_type="distill"`` with Adam/AdamW, the losses' forward and backward graphs for best-of-N). Compiled
+        and eager updates draw the same random numbers and agree to float rounding. Inductor options:
+        ``policy_kwargs=dict(compile_options=...)``
     :param learning_rate: learning rate for Adam, constant or a function of the remaining progress
     :param buffer_size: size of the (online) replay buffer, in primitive transitions over all parallel envs
         (each env's ring holds ``buffer_size // n_envs``, as in SB3)
@@ -153,6 +157,8 @@ class QC(OffPolicyAlgorithm):
     critic_target: EnsembleCritic
     replay_buffer: ChunkReplayBuffer  # type: ignore[assignment]
     # The statistics :meth:`_losses` returns, in order (logged as ``train/<name>``).
+    #: with ``compile_update="auto"``, the planned gradient steps of one run from which the update is compiled
+    AUTO_COMPILE_UPDATES: ClassVar[int] = 10_000
     STATS: ClassVar[tuple[str, ...]] = ("critic_loss", "actor_loss", "bc_flow_loss", "distill_loss", "q_mean", "q_max", "q_min")
 
     def __init__(
@@ -167,7 +173,7 @@ class QC(OffPolicyAlgorithm):
         n_critics: int = 2,
         q_aggregation: str = "mean",
         action_chunking: bool = True,
-        compile_update: bool | str = False,
+        compile_update: bool | str = "auto",
         learning_rate: float | Schedule = 3e-4,
         buffer_size: int = 1_000_000,
         learning_starts: int = 5000,
@@ -205,9 +211,10 @@ class QC(OffPolicyAlgorithm):
             raise ValueError(f"QC counts train_freq in primitive steps only, got {train_freq}")
         self.chunk_size = check_chunk_size(chunk_size)
         self.action_chunking = action_chunking
-        if not isinstance(compile_update, bool) and compile_update not in COMPILE_MODES:
-            raise ValueError(f"compile_update must be True, False or one of {COMPILE_MODES}, got {compile_update!r}")
+        if not isinstance(compile_update, bool) and compile_update not in ("auto", *COMPILE_MODES):
+            raise ValueError(f"compile_update must be 'auto', True, False or one of {COMPILE_MODES}, got {compile_update!r}")
         self.compile_update = compile_update
+        self._compiling = compile_update not in (False, "auto")  # "auto": decided by the first long enough run
         self._compiled_update: CompiledUpdate | None = None
         if _init_setup_model:
             # (``load`` wraps the env itself, with the saved chunk size, before it builds the model.)
@@ -371,6 +378,7 @@ class QC(OffPolicyAlgorithm):
         """
         if self.replay_buffer.num_windows() == 0:
             raise RuntimeError("pretrain() needs data in the replay buffer: call load_dataset() first")
+        self._plan_updates(n_updates)
         if not self._custom_logger:
             self._logger = utils.configure_logger(self.verbose, self.tensorboard_log, tb_log_name + "_offline", True)
         callback = self._init_callback(callback, progress_bar=False)
@@ -554,7 +562,7 @@ class QC(OffPolicyAlgorithm):
             *self._update_noise(batch_size),
             self.policy.sampling_bf16(batch_size),
         )
-        if self.compile_update:
+        if self._compiling:
             if self._compiled_update is None:
                 self._compiled_update = CompiledUpdate(self, self._compile_mode(), self.policy.inductor_options())
             return self._compiled_update(inputs)
@@ -579,9 +587,14 @@ class QC(OffPolicyAlgorithm):
         1.05-1.09x the updates/s of two graphs on a 2-core CPU), best-of-N's losses as two graphs (one graph ran
         0.90-0.97x as fast for it).
         """
-        if isinstance(self.compile_update, str):
-            return self.compile_update
+        if self.compile_update in COMPILE_MODES:
+            return self.compile_update  # type: ignore[return-value]
         return "one_graph" if self.actor_type == "distill" and supports_one_graph(self) else "two_graphs"
+
+    def _plan_updates(self, n_updates: int) -> None:
+        """With ``compile_update="auto"``: compile from now on if a run plans ``AUTO_COMPILE_UPDATES`` updates or more."""
+        if self.compile_update == "auto" and n_updates >= self.AUTO_COMPILE_UPDATES:
+            self._compiling = True
 
     # ----------------------------------------------------------------------------------------------
     # Collecting experience
@@ -740,6 +753,9 @@ class QC(OffPolicyAlgorithm):
         check_finite_observations(self._last_obs, "at reset")
         # Chunks each env has run: what env.step returned is counted from here (see _store_interrupted_step).
         self._chunks_returned = np.array(self.env.get_attr("chunks_completed"))
+        # A rollout runs whole chunks: max(train_freq, chunk) steps, then gradient_steps updates (-1: one per step).
+        steps_per_update = max(self.train_freq.frequency, self.env_chunk_size) / self.gradient_steps if self.gradient_steps > 0 else 1
+        self._plan_updates(int((total_timesteps - max(self.num_timesteps, self.learning_starts)) / steps_per_update))
         if total_timesteps <= self.learning_starts:
             warnings.warn(
                 f"This learn() call ends at {total_timesteps} primitive steps but training starts after "
@@ -760,10 +776,11 @@ class QC(OffPolicyAlgorithm):
         The chunk to run from ``observation``: ``chunk_size`` primitive actions flattened, shape ``(h * A,)``
         (``(n_envs, h * A)`` for a batch), in the env's action bounds, for a chunk-level env
         (:class:`~sb3_qchunk.ChunkedActionWrapper`) to execute open-loop. A primitive-step env would read only
-        part of it: step such an env through the wrapper (``sb3_qchunk.common.env_util.wrap_chunked``), or
-        evaluate with :func:`~sb3_qchunk.common.evaluation.evaluate_success`, which wraps a plain env itself.
-        SB3's ``evaluate_policy`` and ``EvalCallback`` need the chunk-level env: they give ``predict`` no access
-        to the env, so it cannot tell the two apart. With ``action_chunking=False`` a chunk has one action.
+        part of it: step such an env through the wrapper (``sb3_qchunk.common.env_util.wrap_chunked``), evaluate
+        with :func:`~sb3_qchunk.common.evaluation.evaluate_success`, which wraps a plain env itself, or use
+        :class:`~sb3_qchunk.common.execution.ChunkExecutor`, a primitive-step policy made of this one. SB3's
+        ``evaluate_policy`` and ``EvalCallback`` need the chunk-level env or the executor: they give ``predict`` no
+        access to the env, so it cannot tell the two apart. With ``action_chunking=False`` a chunk has one action.
 
         :param observation: the observation(s)
         :param state: unused (no recurrent state), kept for SB3's signature
