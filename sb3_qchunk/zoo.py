@@ -20,9 +20,11 @@ Example::
 """
 
 import os
+import random
 import re
 import runpy
 import sys
+import time
 from copy import deepcopy
 from typing import Any
 
@@ -200,6 +202,22 @@ class QCExperimentManager(ExperimentManager):
         self.eval_freq = max(self.eval_freq // self._env_chunk_size, 1)
         super().create_callbacks()
 
+    def hyperparameters_optimization(self) -> None:
+        """
+        RL Zoo's Optuna search. To search in parallel, run several worker processes (on one machine or many) with
+        the same ``--storage`` database URL and ``--study-name``: each runs ``--n-trials`` trials (or, with
+        ``--max-total-trials``, until the study holds that many). ``--n-jobs > 1`` is refused for QC: its threads
+        would share one process's torch RNG, thread pool and compiled code.
+        """
+        if self.algo == "qc" and self.n_jobs > 1:
+            raise ValueError(
+                f"--n-jobs {self.n_jobs}: trials in threads of one process share torch's global RNG, thread settings "
+                "and compiled code. Run several worker processes with the same --storage and --study-name instead."
+            )
+        if self.storage is not None and "://" in self.storage:
+            prepare_storage(self.storage)
+        super().hyperparameters_optimization()
+
     def objective(self, trial: optuna.Trial) -> float:
         if self.algo != "qc":
             return super().objective(trial)
@@ -213,6 +231,50 @@ class QCExperimentManager(ExperimentManager):
             return super().objective(trial)
         finally:
             self.n_evaluations = n_evaluations
+
+
+def prepare_storage(url: str, attempts: int = 10) -> None:
+    """
+    Check the database driver of an Optuna storage URL (:func:`check_storage_driver`) and create Optuna's tables in the
+    database if they are not there yet. Workers that start at the same moment on an empty database all try to create
+    them and all but one fail (optuna/optuna#1092): here a worker that loses that race waits and tries again, and
+    finds the tables made by the winner.
+
+    :param url: an SQLAlchemy URL of the database
+    :param attempts: tries before the error is raised
+    """
+    import sqlalchemy.exc
+
+    check_storage_driver(url)
+    for attempt in range(attempts):
+        try:
+            optuna.storages.RDBStorage(url)
+            return
+        except sqlalchemy.exc.SQLAlchemyError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 + random.random())  # another worker is creating the tables
+
+
+def check_storage_driver(url: str) -> None:
+    """
+    Check that the database driver of an Optuna storage URL can be imported, with a message that says what to install
+    (SQLAlchemy 2.1 maps ``postgresql://`` to psycopg 3; ``postgresql+psycopg2://`` names psycopg2).
+
+    :param url: an SQLAlchemy URL, e.g. ``postgresql+psycopg2://user@host:5432/optuna``
+    :raises ImportError: if the driver is missing
+    """
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    try:
+        parsed.get_dialect().import_dbapi()
+    except ImportError as error:
+        raise ImportError(
+            f"--storage {parsed.render_as_string(hide_password=True)}: its database driver is not installed ({error}). "
+            "For PostgreSQL: pip install 'sb3-qchunk[postgresql]' and name the driver in the URL, "
+            "postgresql+psycopg2://..."
+        ) from error
 
 
 def _wrapper_chunk_size(env_wrapper: list[Any]) -> int:

@@ -6,12 +6,14 @@ import pytest
 import torch as th
 from gymnasium import spaces
 from scripted_envs import FaultyEnv, ScriptedEnv
+from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.monitor import Monitor
+from stable_baselines3.common.noise import NormalActionNoise
 from stable_baselines3.common.vec_env import DummyVecEnv
 
-from sb3_qchunk import QC, ChunkedActionWrapper
+from sb3_qchunk import QC, ChunkedActionWrapper, ChunkReplayBuffer
 from sb3_qchunk.common.evaluation import evaluate_success
 from sb3_qchunk.datasets import load_npz, load_ogbench_npz, validate_dataset
 
@@ -315,6 +317,10 @@ def test_buffer_size_counts_all_envs_as_in_sb3():
         (dict(tau=2.0), r"tau must be a number in \[0, 1\]"),
         (dict(buffer_size=0), "buffer_size must be an integer >= 1"),
         (dict(learning_starts=-1), "learning_starts must be an integer >= 0"),
+        (dict(action_noise=NormalActionNoise(np.zeros(1), np.ones(1))), "QC does not take action_noise"),
+        (dict(optimize_memory_usage=True), "QC does not support optimize_memory_usage"),
+        (dict(replay_buffer_class=ReplayBuffer), "replay_buffer_class must be ChunkReplayBuffer or a subclass"),
+        (dict(replay_buffer_kwargs=dict(gamma=0.5)), r"replay_buffer_kwargs \['gamma'\] come from QC's own settings"),
     ],
 )
 def test_bad_settings_raise(kwargs, message):
@@ -462,3 +468,13 @@ def test_evaluate_policy_on_a_primitive_env_through_the_executor():
     assert len(env.actions_seen) == 14 and all(np.shape(a) == (2,) for a in env.actions_seen)
     with pytest.raises(ValueError, match="replan_every must be None or in"):
         ChunkExecutor(model, replan_every=6)
+
+
+def test_replay_buffer_subclass_and_kwargs_reach_the_buffer():
+    class TaggedBuffer(ChunkReplayBuffer):
+        def __init__(self, *args, tag="", **kwargs):
+            super().__init__(*args, **kwargs)
+            self.tag = tag
+
+    model = qc(gym.make("Pendulum-v1"), replay_buffer_class=TaggedBuffer, replay_buffer_kwargs=dict(tag="mine"))
+    assert isinstance(model.replay_buffer, TaggedBuffer) and model.replay_buffer.tag == "mine"

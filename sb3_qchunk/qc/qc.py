@@ -138,6 +138,13 @@ class QC(OffPolicyAlgorithm):
         ``dict(task_id=1, env="cube-single-singletask-task1-v0", sparse=True)`` for an OGBench file)
     :param offline_updates: offline gradient steps that the first :meth:`learn` call runs (see :meth:`pretrain`)
         before it collects online data; lets an RL Zoo hyperparameter file express offline-to-online
+    :param replay_buffer_class: :class:`~sb3_qchunk.ChunkReplayBuffer` or a subclass of it (None: the former);
+        QC samples windows of ``chunk_size`` primitive steps, which SB3's buffers do not hold
+    :param replay_buffer_kwargs: more keyword arguments for the replay buffer (the window length, ``gamma`` and
+        ``offline_fraction`` come from QC's own settings)
+    :param action_noise: not supported (must be None): QC explores by sampling its flow policy, as in the paper
+    :param optimize_memory_usage: not supported (must be False): the buffer's windows read each step's own next
+        observation, which SB3's memory optimisation drops
     :param policy_kwargs: additional arguments for the policy (``net_arch``, ``critic_layer_norm``, ...)
     :param stats_window_size: window size for the rollout logging
     :param tensorboard_log: the log location for tensorboard (if None, no logging)
@@ -186,6 +193,10 @@ class QC(OffPolicyAlgorithm):
         offline_dataset: str | dict[str, Any] | None = None,
         offline_dataset_kwargs: dict[str, Any] | None = None,
         offline_updates: int = 0,
+        replay_buffer_class: type[ChunkReplayBuffer] | None = None,
+        replay_buffer_kwargs: dict[str, Any] | None = None,
+        action_noise: ActionNoise | None = None,
+        optimize_memory_usage: bool = False,
         policy_kwargs: dict[str, Any] | None = None,
         stats_window_size: int = 100,
         tensorboard_log: str | None = None,
@@ -207,6 +218,18 @@ class QC(OffPolicyAlgorithm):
         for name, value, minimum in (("batch_size", batch_size, 1), ("buffer_size", buffer_size, 1), ("learning_starts", learning_starts, 0)):
             if not _is_integer(value) or value < minimum:
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        if action_noise is not None:
+            raise ValueError("QC does not take action_noise: it explores by sampling its flow policy (best-of-N or one-step noise)")
+        if optimize_memory_usage:
+            raise ValueError("QC does not support optimize_memory_usage: its windows read each step's own next observation")
+        if replay_buffer_class is not None and not (isinstance(replay_buffer_class, type) and issubclass(replay_buffer_class, ChunkReplayBuffer)):
+            raise ValueError(
+                f"replay_buffer_class must be ChunkReplayBuffer or a subclass (QC samples windows of chunk_size primitive "
+                f"steps), got {replay_buffer_class!r}"
+            )
+        reserved = {"chunk_size", "gamma", "offline_fraction", "n_envs"} & set(replay_buffer_kwargs or {})
+        if reserved:
+            raise ValueError(f"replay_buffer_kwargs {sorted(reserved)} come from QC's own settings: set them on QC instead")
         if isinstance(train_freq, tuple) and train_freq[1] != "step":
             raise ValueError(f"QC counts train_freq in primitive steps only, got {train_freq}")
         self.chunk_size = check_chunk_size(chunk_size)
@@ -231,7 +254,8 @@ class QC(OffPolicyAlgorithm):
             train_freq,
             gradient_steps,
             action_noise=None,
-            replay_buffer_class=ChunkReplayBuffer,  # type: ignore[arg-type]
+            replay_buffer_class=replay_buffer_class or ChunkReplayBuffer,  # type: ignore[arg-type]
+            replay_buffer_kwargs=replay_buffer_kwargs,
             policy_kwargs=policy_kwargs,
             stats_window_size=stats_window_size,
             tensorboard_log=tensorboard_log,
@@ -272,7 +296,7 @@ class QC(OffPolicyAlgorithm):
         if self.env is not None:  # (without an env, load() restored it with the model's other attributes)
             self.primitive_action_space = self.env.get_attr("primitive_action_space")[0]
         if self.replay_buffer is None:
-            self.replay_buffer = ChunkReplayBuffer(
+            self.replay_buffer = self.replay_buffer_class(  # type: ignore[assignment]
                 self.buffer_size,
                 self.observation_space,
                 self.primitive_action_space,
@@ -281,6 +305,7 @@ class QC(OffPolicyAlgorithm):
                 chunk_size=self.chunk_size,
                 gamma=self.gamma,
                 offline_fraction=self.offline_fraction,
+                **self.replay_buffer_kwargs,
             )
         self.policy = self.policy_class(
             self.observation_space,

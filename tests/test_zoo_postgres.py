@@ -1,0 +1,137 @@
+"""RL Zoo's hyperparameter search for QC with several worker processes sharing one study in a real PostgreSQL server."""
+
+import glob
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+optuna = pytest.importorskip("optuna")
+pytest.importorskip("psycopg2", reason="the PostgreSQL driver (extra 'postgresql') is not installed")
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU_CONF = str(ROOT / "zoo_hyperparams" / "qc_cpu.yml")
+
+
+def postgres_bin_dir() -> Path | None:
+    """The directory of initdb / pg_ctl: ``pg_config --bindir``, else Debian's /usr/lib/postgresql/<version>/bin."""
+    try:
+        candidate = Path(subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=True).stdout.strip())
+        if (candidate / "initdb").exists():
+            return candidate
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(found[-1]).parent if found else None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A PostgreSQL server of its own (data and socket in a temp dir, trust auth, no TCP), stopped at the end."""
+    bin_dir = postgres_bin_dir()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL's server binaries (initdb, pg_ctl) are not installed")
+    root = tempfile.mkdtemp(prefix="qc-postgres-")
+    data, sockets = os.path.join(root, "data"), os.path.join(root, "sockets")
+    os.makedirs(sockets)
+    prefix: list[str] = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root: run it as the postgres user
+        user = pwd.getpwnam("postgres")
+        for path in (root, sockets):
+            os.chown(path, user.pw_uid, user.pw_gid)
+        prefix = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+
+    def run(*command: str) -> None:
+        subprocess.run([*prefix, *command], check=True, capture_output=True, cwd=root)
+
+    run(str(bin_dir / "initdb"), "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8")
+    options = f"-c listen_addresses='' -k {sockets} -p {port}"
+    run(str(bin_dir / "pg_ctl"), "-D", data, "-o", options, "-l", os.path.join(root, "server.log"), "-w", "start")
+    try:
+        run(str(bin_dir / "createdb"), "-h", sockets, "-p", str(port), "-U", "postgres", "optuna")
+        yield f"postgresql+psycopg2://postgres@/optuna?host={sockets}&port={port}"
+    finally:
+        run(str(bin_dir / "pg_ctl"), "-D", data, "-m", "immediate", "-w", "stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def worker(url: str, study: str, logs: Path, seed: int, n_trials: int = 2, n_timesteps: int = 200) -> subprocess.Popen:
+    """One worker process of the search, as on a machine of its own."""
+    command = [
+        sys.executable, "-m", "sb3_qchunk.zoo", "train", "--algo", "qc", "--env", "Pendulum-v1", "-conf", CPU_CONF,
+        "-n", str(n_timesteps), "-optimize", "--n-trials", str(n_trials), "--n-evaluations", "1", "--eval-episodes", "1",
+        "--sampler", "random", "--pruner", "none", "--no-optim-plots", "--storage", url, "--study-name", study,
+        "-f", str(logs), "-params", "learning_starts:1000", "--num-threads", "1", "--seed", str(seed),
+    ]  # fmt: skip
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_workers_fill_one_study(postgres_url, tmp_path):
+    workers = [worker(postgres_url, "qc_pg", tmp_path / f"logs{seed}", seed) for seed in (1, 2)]
+    outputs = [process.communicate()[0] for process in workers]
+    for process, output in zip(workers, outputs):
+        assert process.returncode == 0, output
+    study = optuna.load_study(study_name="qc_pg", storage=postgres_url)
+    trials = study.get_trials()
+    assert sorted(trial.number for trial in trials) == [0, 1, 2, 3]  # 2 workers x 2 trials, none lost or doubled
+    assert all(trial.state == optuna.trial.TrialState.COMPLETE for trial in trials)
+    assert all("chunk_size" in trial.params for trial in trials)
+    # A trial's hyperparameters are loadable by RL Zoo (--trial-id; RL Zoo skips trial 0, which it reads as "none").
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "sb3_qchunk.zoo", "train", "--algo", "qc", "--env", "Pendulum-v1", "-conf", CPU_CONF,
+            "-n", "20", "--storage", postgres_url, "--study-name", "qc_pg", "--trial-id", "1", "-f", str(tmp_path / "best"),
+            "-params", "learning_starts:1000", "--eval-freq", "-1", "--num-threads", "1",
+        ],  # fmt: skip
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Loading from Optuna study" in result.stdout
+    assert f"'chunk_size': {trials[1].params['chunk_size']}" in result.stdout
+
+
+def test_a_worker_killed_mid_trial_leaves_the_study_usable(postgres_url, tmp_path):
+    victim = worker(postgres_url, "qc_kill", tmp_path / "victim", seed=3, n_trials=5, n_timesteps=100_000)
+    study = None
+    while victim.poll() is None:  # wait until its first trial runs, then kill the process
+        try:
+            study = optuna.load_study(study_name="qc_kill", storage=postgres_url)
+        except KeyError:
+            study = None
+        if study is not None and study.get_trials(states=[optuna.trial.TrialState.RUNNING]):
+            break
+        time.sleep(0.5)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    survivor = worker(postgres_url, "qc_kill", tmp_path / "survivor", seed=4)
+    output = survivor.communicate()[0]
+    assert survivor.returncode == 0, output
+    states = [trial.state for trial in optuna.load_study(study_name="qc_kill", storage=postgres_url).get_trials()]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 2  # the other worker's trials
+    assert len(states) == 3  # and the killed one, which never completed
+
+
+def test_threads_inside_one_worker_are_refused(postgres_url, tmp_path):
+    command = [
+        sys.executable, "-m", "sb3_qchunk.zoo", "train", "--algo", "qc", "--env", "Pendulum-v1", "-conf", CPU_CONF,
+        "-n", "50", "-optimize", "--n-trials", "2", "--n-jobs", "2", "--storage", postgres_url, "--study-name", "qc_jobs",
+        "-f", str(tmp_path / "logs"), "--num-threads", "1",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "--n-jobs 2: trials in threads of one process share torch's global RNG" in result.stderr
