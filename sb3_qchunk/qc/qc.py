@@ -290,6 +290,8 @@ class QC(OffPolicyAlgorithm):
         return self.chunk_size if self.action_chunking else 1
 
     def _setup_model(self) -> None:
+        # (after load(), the saved compile_update decides too)
+        self._compiling = self._compiling or self.compile_update not in (False, "auto")
         self._setup_lr_schedule()
         self.set_random_seed(self.seed)
         assert isinstance(self.action_space, spaces.Box)
