@@ -3,6 +3,7 @@
 import glob
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -91,18 +92,21 @@ def test_two_workers_fill_one_study(postgres_url, tmp_path):
     assert sorted(trial.number for trial in trials) == [0, 1, 2, 3]  # 2 workers x 2 trials, none lost or doubled
     assert all(trial.state == optuna.trial.TrialState.COMPLETE for trial in trials)
     assert all("chunk_size" in trial.params for trial in trials)
-    # A trial's hyperparameters are loadable by RL Zoo (--trial-id; RL Zoo skips trial 0, which it reads as "none").
+    # A trial's hyperparameters are loadable by RL Zoo (--trial-id; RL Zoo skips trial 0, which it reads as "none"):
+    # one whose chunk size differs from the file's (5) where there is one, so that the check below can fail.
+    trial = next((t for t in trials[1:] if t.params["chunk_size"] != 5), trials[1])
     result = subprocess.run(
         [
             sys.executable, "-m", "sb3_qchunk.zoo", "train", "--algo", "qc", "--env", "Pendulum-v1", "-conf", CPU_CONF,
-            "-n", "20", "--storage", postgres_url, "--study-name", "qc_pg", "--trial-id", "1", "-f", str(tmp_path / "best"),
+            "-n", "20", "--storage", postgres_url, "--study-name", "qc_pg", "--trial-id", str(trial.number), "-f", str(tmp_path / "best"),
             "-params", "learning_starts:1000", "--eval-freq", "-1", "--num-threads", "1",
         ],  # fmt: skip
         cwd=ROOT, capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Loading from Optuna study" in result.stdout
-    assert f"'chunk_size': {trials[1].params['chunk_size']}" in result.stdout
+    # RL Zoo prints the hyperparameters it trains with (an OrderedDict of pairs) after loading the trial's.
+    assert re.search(rf"\('chunk_size', {trial.params['chunk_size']}\)", result.stdout), result.stdout
 
 
 def test_a_worker_killed_mid_trial_leaves_the_study_usable(postgres_url, tmp_path):
