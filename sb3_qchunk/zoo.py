@@ -19,6 +19,7 @@ Example::
     python -m sb3_qchunk.zoo enjoy --algo qc --env Pendulum-v1 -f logs/ --no-render -n 1000
 """
 
+import importlib.resources
 import os
 import random
 import re
@@ -29,6 +30,7 @@ from copy import deepcopy
 from typing import Any
 
 import gymnasium as gym
+import yaml
 
 try:
     import optuna
@@ -53,6 +55,8 @@ NET_ARCHS = {
     "medium": [512, 512],
     "large": [512, 512, 512, 512],
 }
+#: the hyperparameter files shipped in the package (``zoo_hyperparams/`` of the repository)
+SHIPPED_CONFIGS = ("qc.yml", "qc_cpu.yml")
 # QC's defaults, for the chunk wrapper when the hyperparameter file leaves them out
 DEFAULT_CHUNK_SIZE = 5
 DEFAULT_GAMMA = 0.99
@@ -188,7 +192,20 @@ class QCExperimentManager(ExperimentManager):
 
     _env_chunk_size = 1
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.algo == "qc":
+            self.config = qc_config(None if kwargs.get("config") is None else self.config)
+
     def read_hyperparameters(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        if self.algo == "qc" and self.config.endswith((".yml", ".yaml")):
+            with open(self.config) as file:
+                entries = [key for key in yaml.safe_load(file) if not str(key).startswith("_")]
+            if self.env_name.gym_id not in entries and "default" not in entries:
+                raise ValueError(
+                    f"{self.config} has no entry for {self.env_name.gym_id}; its envs: {', '.join(entries)}. "
+                    "Add one (or a 'default' entry) to a copy of the file and pass it with -conf."
+                )
         hyperparams, saved_hyperparams = super().read_hyperparameters()
         if self.algo == "qc":
             # The saved config (used by enjoy / record-video) gets the synced wrapper too.
@@ -254,6 +271,25 @@ def prepare_storage(url: str, attempts: int = 10) -> None:
             if attempt == attempts - 1:
                 raise
             time.sleep(0.5 + random.random())  # another worker is creating the tables
+
+
+def qc_config(config: str | None) -> str:
+    """
+    The hyperparameter file of ``--algo qc``: ``-conf``'s path if it exists; else, for a bare name or a path whose file
+    is missing (e.g. ``-conf zoo_hyperparams/qc_cpu.yml`` outside the repo), the file of that name shipped in the
+    package (``qc.yml``: the paper's scale, for a GPU; ``qc_cpu.yml``: a CPU scale); without ``-conf``, the shipped
+    ``qc.yml``.
+
+    :param config: what ``-conf`` gave, or None
+    :return: the path of the file to read
+    """
+    if config is not None and (os.path.exists(config) or not config.endswith((".yml", ".yaml"))):
+        return config
+    name = "qc.yml" if config is None else os.path.basename(config)
+    shipped = importlib.resources.files("sb3_qchunk.zoo_hyperparams") / name
+    if not shipped.is_file():
+        raise FileNotFoundError(f"-conf {config}: no such file, and the package ships only {SHIPPED_CONFIGS}")
+    return str(shipped)
 
 
 def check_storage_driver(url: str) -> None:

@@ -95,3 +95,23 @@ def test_optimize_two_trials(tmp_path: Path) -> None:
     assert "chunk_size:" in out
     assert storage.is_file()
     assert len(list((tmp_path / "logs" / "qc").glob("report_Pendulum-v1_2-trials-200-random-none_*.csv"))) == 1
+
+
+def test_train_outside_the_repo_uses_the_shipped_hyperparameters(tmp_path: Path) -> None:
+    """No -conf (or a -conf path that does not exist here): the files shipped in the package are used."""
+
+    def train(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "sb3_qchunk.zoo", "train", "--algo", "qc", "-f", str(tmp_path / "logs"), *args]
+        return subprocess.run(command, check=False, cwd=tmp_path, capture_output=True, text=True)
+
+    common = ("-n", "20", "--eval-freq", "-1", "--num-threads", "1", "-params", "learning_starts:1000")
+    default = train("--env", "Pendulum-v1", *common)
+    assert default.returncode == 0, default.stdout + default.stderr
+    assert f"Loading hyperparameters from: {ROOT / 'zoo_hyperparams' / 'qc.yml'}" in default.stdout  # editable install
+    cpu = train("--env", "Pendulum-v1", "-conf", "zoo_hyperparams/qc_cpu.yml", *common)
+    assert cpu.returncode == 0, cpu.stdout + cpu.stderr
+    assert "qc_cpu.yml" in cpu.stdout and "('num_samples', 8)" in cpu.stdout
+    unknown = train("--env", "MountainCarContinuous-v0", *common)
+    assert unknown.returncode != 0
+    assert "has no entry for MountainCarContinuous-v0; its envs: cube-single-play-singletask-task1-v0," in unknown.stderr
+    assert "Pendulum-v1" in unknown.stderr
