@@ -1,15 +1,10 @@
 """RL Zoo's hyperparameter search for QC with several worker processes sharing one study in a real PostgreSQL server."""
 
-import glob
-import os
-import pwd
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,18 +15,11 @@ pytest.importorskip("psycopg2", reason="the PostgreSQL driver (extra 'postgresql
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_CONF = str(ROOT / "zoo_hyperparams" / "qc_cpu.yml")
-
-
-def postgres_bin_dir() -> Path | None:
-    """The directory of initdb / pg_ctl: ``pg_config --bindir``, else Debian's /usr/lib/postgresql/<version>/bin."""
-    try:
-        candidate = Path(subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=True).stdout.strip())
-        if (candidate / "initdb").exists():
-            return candidate
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    return Path(found[-1]).parent if found else None
+sys.path.insert(0, str(ROOT / "benchmarks"))
+try:
+    from scaleout import postgres_bin_dir, postgres_server  # the server the scale-out benchmark runs, shared
+finally:
+    sys.path.remove(str(ROOT / "benchmarks"))
 
 
 def free_port() -> int:
@@ -46,29 +34,8 @@ def postgres_url():
     bin_dir = postgres_bin_dir()
     if bin_dir is None:
         pytest.skip("PostgreSQL's server binaries (initdb, pg_ctl) are not installed")
-    root = tempfile.mkdtemp(prefix="qc-postgres-")
-    data, sockets = os.path.join(root, "data"), os.path.join(root, "sockets")
-    os.makedirs(sockets)
-    prefix: list[str] = []
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root: run it as the postgres user
-        user = pwd.getpwnam("postgres")
-        for path in (root, sockets):
-            os.chown(path, user.pw_uid, user.pw_gid)
-        prefix = ["runuser", "-u", "postgres", "--"]
-    port = free_port()
-
-    def run(*command: str) -> None:
-        subprocess.run([*prefix, *command], check=True, capture_output=True, cwd=root)
-
-    run(str(bin_dir / "initdb"), "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8")
-    options = f"-c listen_addresses='' -k {sockets} -p {port}"
-    run(str(bin_dir / "pg_ctl"), "-D", data, "-o", options, "-l", os.path.join(root, "server.log"), "-w", "start")
-    try:
-        run(str(bin_dir / "createdb"), "-h", sockets, "-p", str(port), "-U", "postgres", "optuna")
-        yield f"postgresql+psycopg2://postgres@/optuna?host={sockets}&port={port}"
-    finally:
-        run(str(bin_dir / "pg_ctl"), "-D", data, "-m", "immediate", "-w", "stop")
-        shutil.rmtree(root, ignore_errors=True)
+    with postgres_server(bin_dir, port=free_port()) as url:
+        yield url
 
 
 def worker(url: str, study: str, logs: Path, seed: int, n_trials: int = 2, n_timesteps: int = 200) -> subprocess.Popen:
@@ -139,3 +106,13 @@ def test_threads_inside_one_worker_are_refused(postgres_url, tmp_path):
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode != 0
     assert "--n-jobs 2: trials in threads of one process share torch's global RNG" in result.stderr
+
+
+def test_scaleout_benchmark_smoke(tmp_path):
+    if postgres_bin_dir() is None:
+        pytest.skip("PostgreSQL's server binaries (initdb, pg_ctl) are not installed")
+    out = tmp_path / "scaleout.md"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scaleout.py"), "--smoke", "--out", str(out)], check=True)
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith(("| 1 |", "| 2 |"))]
+    assert [(int(row[0]), int(row[1]), int(row[2])) for row in rows] == [(1, 2, 2), (2, 2, 2)]
+    assert all(float(row[4]) > 0 for row in rows)
