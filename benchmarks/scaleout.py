@@ -73,13 +73,15 @@ def postgres_server(bin_dir: Path, port: int = 5433) -> Iterator[str]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def worker(url: str, study: str, logs: Path, seed: int, n_trials: int, n_timesteps: int) -> subprocess.Popen:
+def worker(
+    url: str, study: str, logs: Path, seed: int, n_trials: int, n_timesteps: int, learning_starts: int = 100
+) -> subprocess.Popen:
     """One worker process of the search: ``n_trials`` trials of ``n_timesteps`` primitive steps each."""
     command = [
         sys.executable, "-m", "sb3_qchunk.zoo", "train", "--algo", "qc", "--env", "Pendulum-v1", "-conf", CPU_CONF,
         "-n", str(n_timesteps), "-optimize", "--n-trials", str(n_trials), "--n-evaluations", "1", "--eval-episodes", "1",
         "--sampler", "random", "--pruner", "none", "--no-optim-plots", "--storage", url, "--study-name", study,
-        "-f", str(logs), "-params", "learning_starts:100", "--num-threads", "1", "--seed", str(seed),
+        "-f", str(logs), "-params", f"learning_starts:{learning_starts}", "--num-threads", "1", "--seed", str(seed),
     ]  # fmt: skip
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

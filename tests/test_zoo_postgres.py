@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CPU_CONF = str(ROOT / "zoo_hyperparams" / "qc_cpu.yml")
 sys.path.insert(0, str(ROOT / "benchmarks"))
 try:
-    from scaleout import postgres_bin_dir, postgres_server  # the server the scale-out benchmark runs, shared
+    from scaleout import postgres_bin_dir, postgres_server, worker as scaleout_worker  # the server the scale-out benchmark runs, shared
 finally:
     sys.path.remove(str(ROOT / "benchmarks"))
 
@@ -39,14 +39,8 @@ def postgres_url():
 
 
 def worker(url: str, study: str, logs: Path, seed: int, n_trials: int = 2, n_timesteps: int = 200) -> subprocess.Popen:
-    """One worker process of the search, as on a machine of its own."""
-    command = [
-        sys.executable, "-m", "sb3_qchunk.zoo", "train", "--algo", "qc", "--env", "Pendulum-v1", "-conf", CPU_CONF,
-        "-n", str(n_timesteps), "-optimize", "--n-trials", str(n_trials), "--n-evaluations", "1", "--eval-episodes", "1",
-        "--sampler", "random", "--pruner", "none", "--no-optim-plots", "--storage", url, "--study-name", study,
-        "-f", str(logs), "-params", "learning_starts:1000", "--num-threads", "1", "--seed", str(seed),
-    ]  # fmt: skip
-    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    """One worker process of the search, as on a machine of its own (no update: learning starts after the trial)."""
+    return scaleout_worker(url, study, logs, seed, n_trials, n_timesteps, learning_starts=1000)
 
 
 def test_two_workers_fill_one_study(postgres_url, tmp_path):
