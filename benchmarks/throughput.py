@@ -3,7 +3,7 @@ Throughput of sb3-qchunk on this machine, in one run:
 
 1. Gradient updates per second of QC (best-of-N and QC-FQL) against SB3's SAC with the same networks (as a
    ratio), for the plain float32 path and the fast path (``sampling_precision="auto"``: bf16 sampling on devices
-   with native bf16), and the latency of choosing one chunk. Small config: 256x256, N=8; paper config: 4x512,
+   where bf16 is faster than fp32), and the latency of choosing one chunk. Small config: 256x256, N=8; paper config: 4x512,
    N=32; both batch 256, h=5, obs 28, action 5 (OGBench cube-single's sizes), flow_steps 10, 2 critics.
    With ``--reference FILE`` (a JSON of the authors' JAX code's rates measured on this machine, e.g.
    ``benchmarks/results/reference_amd_epyc.json``), each row also gets its ratio to the reference's rate for the
@@ -253,7 +253,7 @@ def bench_updates(
     fast = has_fast_bf16(th.device(device).type)
     lines = [
         f"Measured matmul throughput (1024^3, best of 5 blocks): fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s; "
-        f"native bf16 on this device: {fast} (so `sampling_precision='auto'` = {'bf16' if fast else 'fp32'} for batches of >= 64 observations). "
+        f"bf16 faster than fp32 on this device (`has_fast_bf16`): {fast} (so `sampling_precision='auto'` = {'bf16' if fast else 'fp32'} for batches of >= 64 observations). "
         "`compile`: `compile_update=True` (the whole loss, forward and backward, one graph) and `compile_sampling=True` (acting). "
         "`bf16 training`: `training_precision='bfloat16'` (opt-in mixed precision of the gradient path; all other rows "
         "keep it in float32). `start-up s`: the first update and first action choice, each config in a fresh process "

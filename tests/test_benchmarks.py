@@ -11,7 +11,7 @@ import pytest
 import torch as th
 import torch.nn.functional as F
 
-from sb3_qchunk.common.precision import has_fast_bf16
+from sb3_qchunk.common.precision import has_native_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,7 +109,7 @@ def test_levers_compute_the_same_function():
     th.testing.assert_close(y.detach(), expected)
 
 
-@pytest.mark.skipif(not has_fast_bf16("cpu"), reason="oneDNN's bf16 linear+GELU needs a CPU with AVX512-BF16 or AMX")
+@pytest.mark.skipif(not has_native_bf16("cpu"), reason="oneDNN's bf16 linear+GELU needs a CPU with AVX512-BF16 or AMX")
 def test_levers_bf16_fused_linear_gelu_is_within_bf16_rounding():
     """In bf16 (the sampling path's precision on CPUs with native bf16) the fused lever agrees within bf16 rounding."""
     SamplingLinearGELU = benchmark_module("levers").SamplingLinearGELU

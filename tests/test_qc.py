@@ -293,6 +293,32 @@ def test_bf16_sampling_agrees_with_float32(actor_type):
     assert float(same_pick) >= 0.8
 
 
+@pytest.mark.parametrize(
+    "avx512_bf16, amx, vendor, fast",
+    [
+        (False, False, "AuthenticAMD", False),  # AVX2-only: bf16 emulated
+        (True, False, "AuthenticAMD", True),  # Zen 4: bf16 dot products at twice the fp32 rate
+        (True, False, "GenuineIntel", False),  # Intel without AMX: bf16 at the fp32 rate, plus the casts
+        (True, True, "GenuineIntel", True),  # AMX
+    ],
+)
+def test_has_fast_bf16_rule(monkeypatch, avx512_bf16, amx, vendor, fast):
+    from sb3_qchunk.common import precision
+
+    monkeypatch.setattr(th.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(th.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(precision, "cpu_vendor", lambda: vendor)
+    for function in (precision.has_native_bf16, precision.has_fast_bf16):
+        function.cache_clear()
+    try:
+        assert precision.has_native_bf16("cpu") == (avx512_bf16 or amx)
+        assert precision.has_fast_bf16("cpu") == fast
+    finally:
+        monkeypatch.undo()
+        for function in (precision.has_native_bf16, precision.has_fast_bf16):
+            function.cache_clear()
+
+
 def autocast_dtype(policy, batch_size=256):
     """The dtype the policy's sampling context computes matmuls in, for a batch of ``batch_size`` observations."""
     with policy.sampling_autocast(batch_size):

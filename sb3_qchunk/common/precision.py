@@ -1,6 +1,7 @@
 """Numeric precision and compilation settings shared by the chunked algorithms: where bf16 pays, how to compile."""
 
 import functools
+import platform
 from typing import Any
 
 import torch as th
@@ -13,10 +14,10 @@ AUTO_BF16_MIN_BATCH = 64
 
 
 @functools.cache
-def has_fast_bf16(device_type: str) -> bool:
+def has_native_bf16(device_type: str) -> bool:
     """
-    Whether bfloat16 matmuls are native (faster than float32) on this kind of device: CUDA GPUs with bf16
-    support, CPUs with AVX512-BF16 or AMX. Elsewhere bf16 is emulated and slower than float32.
+    Whether this kind of device has bfloat16 matmul instructions (not emulated): CUDA GPUs with bf16 support,
+    CPUs with AVX512-BF16 or AMX. Native is not always faster than float32: see :func:`has_fast_bf16`.
 
     :param device_type: ``"cpu"``, ``"cuda"``, ...
     """
@@ -26,6 +27,41 @@ def has_fast_bf16(device_type: str) -> bool:
         probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
         return any(getattr(th.cpu, probe, lambda: False)() for probe in probes)
     return False
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor string (``"GenuineIntel"``, ``"AuthenticAMD"``, ...), or ``""`` where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as file:
+            for line in file:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    processor = platform.processor()  # e.g. "AMD64 Family 25 Model 17 Stepping 1, AuthenticAMD" on Windows
+    for vendor in ("GenuineIntel", "AuthenticAMD"):
+        if vendor in processor:
+            return vendor
+    return ""
+
+
+@functools.cache
+def has_fast_bf16(device_type: str) -> bool:
+    """
+    Whether bfloat16 matmuls are faster than float32 on this kind of device, which decides
+    ``sampling_precision="auto"``: CUDA GPUs with bf16 support; CPUs with AMX; AMD CPUs with AVX512-BF16
+    (Zen 4 and later run bf16 dot products at twice the float32 FMA rate). Intel CPUs with AVX512-BF16 but no
+    AMX (older Xeons, or AMX hidden by a hypervisor) run bf16 dot products at the float32 FMA rate, so the casts
+    make bf16 slower there (measured on such a Xeon, one thread: a 2048x256 @ 256x256 matmul 70 GFLOP/s in bf16
+    against 122 in float32): float32. Elsewhere bf16 is emulated: float32.
+
+    :param device_type: ``"cpu"``, ``"cuda"``, ...
+    """
+    if not has_native_bf16(device_type):
+        return False
+    if device_type == "cpu":
+        return getattr(th.cpu, "_is_amx_tile_supported", lambda: False)() or cpu_vendor() == "AuthenticAMD"
+    return True
 
 
 def bf16_autocast(device_type: str, enabled: bool) -> th.autocast:

@@ -278,8 +278,8 @@ class QCPolicy(BasePolicy):
     :param n_critics: number of critics K
     :param sampling_precision: precision of the no-gradient sampling path (flow integration of the N
         candidate chunks, their critic scores, the distillation target): "bfloat16" (autocast; master weights,
-        losses and gradients stay float32), "float32", or "auto" = bfloat16 where the device has native bf16
-        matmuls (:func:`has_fast_bf16`) and batches of at least ``AUTO_BF16_MIN_BATCH`` observations, float32 elsewhere
+        losses and gradients stay float32), "float32", or "auto" = bfloat16 where bf16 matmuls are faster than
+        float32 on the device (:func:`has_fast_bf16`) and batches of at least ``AUTO_BF16_MIN_BATCH`` observations, float32 elsewhere
     :param training_precision: precision of the gradient path (the losses' forward and backward): "float32"
         (default), or "bfloat16" for mixed precision: bf16 autocast over the networks, with float32 master weights,
         optimizer state, loss arithmetic and critic output layer. Opt-in: it changes the numerics of learning;
@@ -453,7 +453,7 @@ class QCPolicy(BasePolicy):
     def sampling_bf16(self, batch_size: int) -> bool:
         """
         Whether the no-gradient sampling path runs in bfloat16 autocast: when ``sampling_precision`` says so, or it
-        is "auto", the device has native bf16 and the batch has at least ``AUTO_BF16_MIN_BATCH`` observations (the
+        is "auto", bf16 is faster than float32 on the device and the batch has at least ``AUTO_BF16_MIN_BATCH`` observations (the
         critic target, the distillation target; not acting in a few envs). Results are cast back to float32 by the
         callers, so the gradient path never sees bf16 tensors.
 
