@@ -74,7 +74,14 @@ def postgres_server(bin_dir: Path, port: int = 5433) -> Iterator[str]:
 
 
 def worker(
-    url: str, study: str, logs: Path, seed: int, n_trials: int, n_timesteps: int, learning_starts: int = 100
+    url: str,
+    study: str,
+    logs: Path,
+    seed: int,
+    n_trials: int,
+    n_timesteps: int,
+    learning_starts: int = 100,
+    heartbeat_interval: int = 60,
 ) -> subprocess.Popen:
     """One worker process of the search: ``n_trials`` trials of ``n_timesteps`` primitive steps each."""
     command = [
@@ -82,6 +89,7 @@ def worker(
         "-n", str(n_timesteps), "-optimize", "--n-trials", str(n_trials), "--n-evaluations", "1", "--eval-episodes", "1",
         "--sampler", "random", "--pruner", "none", "--no-optim-plots", "--storage", url, "--study-name", study,
         "-f", str(logs), "-params", f"learning_starts:{learning_starts}", "--num-threads", "1", "--seed", str(seed),
+        "--heartbeat-interval", str(heartbeat_interval),
     ]  # fmt: skip
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -35,14 +35,19 @@ import yaml
 try:
     import optuna
     import rl_zoo3
+    import rl_zoo3.enjoy
     import rl_zoo3.hyperparams_opt
+    import rl_zoo3.utils
     import rl_zoo3.train
     from rl_zoo3.exp_manager import ExperimentManager
     from rl_zoo3.utils import get_wrapper_class
 except ImportError as error:
     raise ImportError(f"sb3_qchunk.zoo needs RL Zoo: pip install 'sb3-qchunk[zoo]' ({error})") from error
 
+from sb3_qchunk.common.execution import ChunkExecutor
 from sb3_qchunk.qc import QC
+
+_create_test_env = rl_zoo3.utils.create_test_env  # RL Zoo's, before main() puts primitive_test_env in its place
 
 #: OGBench manipulation envs given a ``-play-`` alias (tasks 1 to 5 each)
 OGBENCH_ENVS = ("cube-single", "cube-double", "scene", "puzzle-3x3")
@@ -185,12 +190,13 @@ class QCExperimentManager(ExperimentManager):
     RL Zoo's ``ExperimentManager`` that keeps QC's chunk wrapper in step with its ``chunk_size``
     (see :func:`sync_chunk_wrapper`) and checks the offline dataset file. Other algorithms are unchanged.
 
-    Callbacks run once per env step, i.e. once per chunk; ``--eval-freq`` and Optuna's evaluation frequency
-    (``n_timesteps / n_evaluations``) are given in primitive steps like ``n_timesteps``, so they are divided
-    by the env's chunk size here.
+    ``--eval-freq``, ``--save-freq`` and Optuna's evaluation frequency (``n_timesteps / n_evaluations``) count
+    primitive steps, like ``n_timesteps``: QC counts the frequencies of ``EvalCallback`` and ``CheckpointCallback`` on
+    primitive steps (see :meth:`QC.learn`).
     """
 
-    _env_chunk_size = 1
+    #: seconds between two heartbeats of a running trial in a database storage (see :meth:`hyperparameters_optimization`)
+    heartbeat_interval: int = 60
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -211,13 +217,8 @@ class QCExperimentManager(ExperimentManager):
             # The saved config (used by enjoy / record-video) gets the synced wrapper too.
             hyperparams["env_wrapper"] = saved_hyperparams["env_wrapper"] = sync_chunk_wrapper(hyperparams)
             self._raw_env_wrapper = hyperparams["env_wrapper"]
-            self._env_chunk_size = _wrapper_chunk_size(self._raw_env_wrapper)
             check_offline_dataset(hyperparams, self.env_name.gym_id)
         return hyperparams, saved_hyperparams
-
-    def create_callbacks(self) -> None:
-        self.eval_freq = max(self.eval_freq // self._env_chunk_size, 1)
-        super().create_callbacks()
 
     def hyperparameters_optimization(self) -> None:
         """
@@ -225,15 +226,27 @@ class QCExperimentManager(ExperimentManager):
         the same ``--storage`` database URL and ``--study-name``: each runs ``--n-trials`` trials (or, with
         ``--max-total-trials``, until the study holds that many). ``--n-jobs > 1`` is refused for QC: its threads
         would share one process's torch RNG, thread pool and compiled code.
+
+        With a database URL, running trials send Optuna heartbeats every :attr:`heartbeat_interval` seconds
+        (``--heartbeat-interval`` of ``python -m sb3_qchunk.zoo train``); the trial of a worker that died (killed, machine
+        lost) is marked ``FAIL`` by the next worker that starts a trial after twice that time, and no longer counts
+        towards ``--max-total-trials``.
         """
         if self.algo == "qc" and self.n_jobs > 1:
             raise ValueError(
                 f"--n-jobs {self.n_jobs}: trials in threads of one process share torch's global RNG, thread settings "
                 "and compiled code. Run several worker processes with the same --storage and --study-name instead."
             )
-        if self.storage is not None and "://" in self.storage:
-            prepare_storage(self.storage)
-        super().hyperparameters_optimization()
+        if self.storage is None or "://" not in self.storage:
+            super().hyperparameters_optimization()
+            return
+        url = self.storage
+        prepare_storage(url)
+        self.storage = HeartbeatStorage(url, heartbeat_interval=self.heartbeat_interval)  # type: ignore[assignment]
+        try:
+            super().hyperparameters_optimization()
+        finally:
+            self.storage = url
 
     def objective(self, trial: optuna.Trial) -> float:
         if self.algo != "qc":
@@ -242,12 +255,24 @@ class QCExperimentManager(ExperimentManager):
         sampled = sample_qc_params(trial, self.n_actions, self.n_envs, {})
         env_wrapper = sync_chunk_wrapper({**self._hyperparams, **sampled, "env_wrapper": self._raw_env_wrapper})
         self.env_wrapper = get_wrapper_class({"env_wrapper": env_wrapper})
-        n_evaluations = self.n_evaluations
-        self.n_evaluations = n_evaluations * _wrapper_chunk_size(env_wrapper)
-        try:
-            return super().objective(trial)
-        finally:
-            self.n_evaluations = n_evaluations
+        return super().objective(trial)
+
+
+class HeartbeatStorage(optuna.storages.RDBStorage):
+    """
+    Optuna's ``RDBStorage`` with heartbeats (``grace_period``: Optuna's default, twice the interval), in the place of
+    ``--storage`` in RL Zoo's search: RL Zoo reads that attribute as the URL string and calls ``endswith(".log")`` on
+    it to choose its journal-file storage; this storage answers for its URL.
+
+    :param url: an SQLAlchemy URL of the database
+    :param heartbeat_interval: seconds between two heartbeats of a running trial
+    """
+
+    def __init__(self, url: str, heartbeat_interval: int) -> None:
+        super().__init__(url, heartbeat_interval=heartbeat_interval)
+
+    def endswith(self, suffix: str | tuple[str, ...]) -> bool:
+        return self.url.endswith(suffix)
 
 
 def prepare_storage(url: str, attempts: int = 10) -> None:
@@ -313,14 +338,45 @@ def check_storage_driver(url: str) -> None:
         ) from error
 
 
-def _wrapper_chunk_size(env_wrapper: list[Any]) -> int:
-    """The chunk size of the chunk wrapper in a list made by :func:`sync_chunk_wrapper`."""
-    return next(w[name]["chunk_size"] for w in env_wrapper if isinstance(w, dict) for name in w if name in CHUNK_WRAPPER_NAMES)
+class PrimitiveStepPlayer:
+    """
+    ``--algo qc``'s entry in RL Zoo's algorithm table for ``enjoy`` and ``record-video``: loads the saved QC model as
+    a :class:`~sb3_qchunk.common.execution.ChunkExecutor`, a policy of one primitive action per ``predict``, to run
+    on the env without its chunk wrapper (:func:`primitive_test_env`). So ``-n`` counts primitive steps, the episode
+    lengths and rewards printed are primitive steps and undiscounted returns, and a video has a frame per step.
+    """
+
+    @staticmethod
+    def load(path: str, env: Any = None, **kwargs: Any) -> ChunkExecutor:
+        """
+        :param path: the saved model
+        :param env: ignored (the executor needs no env; the saved model knows its spaces)
+        :param kwargs: passed to :meth:`QC.load`
+        """
+        return ChunkExecutor(QC.load(path, **kwargs))
+
+
+def primitive_test_env(*args: Any, hyperparams: dict[str, Any], **kwargs: Any) -> Any:
+    """RL Zoo's ``create_test_env`` without the chunk wrapper of ``hyperparams["env_wrapper"]`` (see :class:`PrimitiveStepPlayer`)."""
+    hyperparams = dict(hyperparams)
+    wrappers = hyperparams.get("env_wrapper") or []
+    wrappers = [w for w in (wrappers if isinstance(wrappers, list) else [wrappers]) if _wrapper_name(w) not in CHUNK_WRAPPER_NAMES]
+    if wrappers:
+        hyperparams["env_wrapper"] = wrappers
+    else:
+        hyperparams.pop("env_wrapper", None)
+    return _create_test_env(*args, hyperparams=hyperparams, **kwargs)
+
+
+def _wrapper_name(wrapper: Any) -> str:
+    return wrapper if isinstance(wrapper, str) else next(iter(wrapper))
 
 
 def main(argv: list[str] | None = None) -> None:
     """
-    Run an RL Zoo command with QC registered: ``train``, ``enjoy`` or ``record-video`` followed by its flags.
+    Run an RL Zoo command with QC registered: ``train``, ``enjoy`` or ``record-video`` followed by its flags. ``train``
+    also takes ``--heartbeat-interval SECONDS`` (default 60) for searches in a database (see
+    :meth:`QCExperimentManager.hyperparameters_optimization`).
 
     :param argv: the command and its flags (default: ``sys.argv[1:]``)
     """
@@ -329,19 +385,31 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] not in commands:
         raise SystemExit(f"usage: python -m sb3_qchunk.zoo {{{','.join(commands)}}} [RL Zoo flags]")
     register_qc()
-    command = argv[0]
+    command, flags = argv[0], list(argv[1:])
+    if command == "train" and "--heartbeat-interval" in flags:
+        index = flags.index("--heartbeat-interval")
+        try:
+            QCExperimentManager.heartbeat_interval = int(flags[index + 1])
+        except (IndexError, ValueError):
+            raise SystemExit("--heartbeat-interval takes a whole number of seconds") from None
+        if QCExperimentManager.heartbeat_interval < 1:
+            raise SystemExit("--heartbeat-interval must be at least 1 second")
+        del flags[index : index + 2]
     # RL Zoo's entry points parse sys.argv themselves
-    sys.argv = [f"{sys.argv[0]} {command}", *argv[1:]]
+    sys.argv = [f"{sys.argv[0]} {command}", *flags]
     if command == "train":
         rl_zoo3.train.ExperimentManager = QCExperimentManager  # type: ignore[misc]
         rl_zoo3.train.train()
-    elif command == "enjoy":
-        from rl_zoo3.enjoy import enjoy
-
-        enjoy()
     else:
-        # the script has no entry function: run it as ``python -m rl_zoo3.record_video`` would
-        runpy.run_module("rl_zoo3.record_video", run_name="__main__")
+        rl_zoo3.ALGOS["qc"] = PrimitiveStepPlayer  # type: ignore[assignment]
+        rl_zoo3.utils.create_test_env = primitive_test_env  # type: ignore[assignment]
+        if command == "enjoy":
+            rl_zoo3.enjoy.create_test_env = primitive_test_env  # type: ignore[assignment]
+            rl_zoo3.enjoy.enjoy()
+        else:
+            # the script has no entry function: run it as ``python -m rl_zoo3.record_video`` would (it imports
+            # create_test_env from rl_zoo3.utils when it runs)
+            runpy.run_module("rl_zoo3.record_video", run_name="__main__")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 import hashlib
 import sys
 import types
+import warnings
 
 import gymnasium as gym
 import numpy as np
 import pytest
 from gymnasium import spaces
 
+from sb3_qchunk import QC
 from sb3_qchunk.datasets import (
     cached_play_dataset,
     generate_ogbench_dataset,
@@ -344,7 +346,7 @@ def test_dispatcher_sources():
     try:
         import minari  # noqa: F401
     except ImportError:
-        with pytest.raises(ImportError, match="pip install minari"):
+        with pytest.raises(ImportError, match=r"pip install .sb3-qchunk\[minari\]."):
             load_dataset("minari:mujoco/hopper/medium-v0")
 
 
@@ -448,12 +450,92 @@ def test_validation_against_spaces():
         np.testing.assert_array_equal(data[key], before[key])  # validation never changes anything
 
 
-def test_cached_play_dataset_generates_once(tmp_path):
+def test_cached_play_dataset_generates_once_and_refuses_other_requests(tmp_path):
     path = tmp_path / "sub" / "cube-single-play.npz"
     assert cached_play_dataset(path, "cube-single", 100, seed=1, progress_bar=False) == path
     with np.load(path) as file:
         first = file["actions"].copy()
     assert len(first) == 1001  # one whole episode of 1000 transitions
     stamp = path.stat().st_mtime_ns
-    assert cached_play_dataset(path, "cube-single", 5000, seed=2, progress_bar=False) == path  # cached: not regenerated
+    assert cached_play_dataset(path, "cube-single-v0", 100, seed=1, progress_bar=False) == path  # cached
     assert path.stat().st_mtime_ns == stamp
+    for env_name, size, seed in [("cube-single", 5000, 1), ("cube-single", 100, 2), ("cube-double", 100, 1)]:
+        with pytest.raises(ValueError, match="was not made by this request"):
+            cached_play_dataset(path, env_name, size, seed=seed, progress_bar=False)
+    assert path.stat().st_mtime_ns == stamp  # never overwritten
+    (tmp_path / "sub" / "cube-single-play.npz.json").unlink()  # a file of unknown origin
+    with pytest.raises(ValueError, match="is missing"):
+        cached_play_dataset(path, "cube-single", 100, seed=1, progress_bar=False)
+
+
+def test_generation_is_the_same_with_several_jobs():
+    one = generate_ogbench_dataset("cube-single", 120, seed=5, episode_length=40, progress_bar=False)
+    two = generate_ogbench_dataset("cube-single", 120, seed=5, episode_length=40, progress_bar=False, n_jobs=2)
+    assert one.keys() == two.keys()
+    for key in one:
+        np.testing.assert_array_equal(one[key], two[key])
+    assert one["observations"].shape == (3 * 41, 28)
+    assert not np.array_equal(one["actions"][:41], one["actions"][41:82])  # episodes are seeded apart
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="n_jobs"):
+            generate_ogbench_dataset("cube-single", 10, n_jobs=bad)
+
+
+
+
+# --------------------------------------------------------------------------------------------------
+# Minari, the real package: a dataset made locally with its DataCollector, nothing downloaded
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture
+def minari_datasets(tmp_path, monkeypatch):
+    """
+    Minari with its datasets folder in a temp dir, holding a random-policy Pendulum dataset of 3 episodes (60-step
+    time limit) made with ``minari.create_dataset_from_buffers`` (Minari's DataCollector needs jax: extra 'create').
+    """
+    minari = pytest.importorskip("minari", reason="the minari package (extra 'minari') is not installed")
+    from minari.data_collector import EpisodeBuffer
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    env = gym.make("Pendulum-v1", max_episode_steps=60)
+    env.action_space.seed(0)
+    buffers = []
+    for episode in range(3):
+        obs, _ = env.reset(seed=episode)
+        steps = {"observations": [obs], "actions": [], "rewards": [], "terminations": [], "truncations": []}
+        done = False
+        while not done:
+            action = env.action_space.sample()
+            obs, reward, terminated, truncated, _ = env.step(action)
+            for key, value in zip(steps, (obs, action, reward, terminated, truncated)):
+                steps[key].append(value)
+            done = terminated or truncated
+        buffers.append(EpisodeBuffer(id=episode, seed=episode, **{key: np.array(value) for key, value in steps.items()}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Minari's notes on the eval env and metadata it was not given
+        minari.create_dataset_from_buffers("sb3qchunk/pendulum-random-v0", buffers, env=env, algorithm_name="random", author="tests")
+    return minari
+
+
+def test_load_a_real_minari_dataset(minari_datasets):
+    env = gym.make("Pendulum-v1")
+    data = load_dataset("minari:sb3qchunk/pendulum-random-v0", env.observation_space, env.action_space)
+    episodes = list(minari_datasets.load_dataset("sb3qchunk/pendulum-random-v0").iterate_episodes())
+    assert [len(episode.rewards) for episode in episodes] == [60, 60, 60]
+    np.testing.assert_array_equal(data["observations"], np.concatenate([e.observations[:-1] for e in episodes]))
+    np.testing.assert_array_equal(data["next_observations"], np.concatenate([e.observations[1:] for e in episodes]))
+    np.testing.assert_array_equal(data["actions"], np.concatenate([e.actions for e in episodes]))
+    np.testing.assert_allclose(data["rewards"], np.concatenate([e.rewards for e in episodes]), rtol=1e-6)
+    np.testing.assert_array_equal(data["terminals"], np.tile(np.eye(60)[-1], 3))  # each episode ends at its 60th step
+    np.testing.assert_array_equal(data["terminated"], np.zeros(180))  # time limits: truncated, not terminated
+    model = QC("MlpPolicy", env, chunk_size=5, num_samples=2, flow_steps=2, batch_size=16, learning_starts=0,
+               policy_kwargs=dict(net_arch=[16]), seed=0)  # fmt: skip
+    model.load_dataset("minari:sb3qchunk/pendulum-random-v0")
+    assert model.replay_buffer.offline_size == 180
+    model.pretrain(5)
+    model.learn(20)
+    assert model.offline_updates_done == 5 and model.num_timesteps == 20
+
+
+def test_missing_minari_id_says_what_is_there(minari_datasets):
+    with pytest.raises(FileNotFoundError, match=r"minari:sb3qchunk/nothing-v0 .*sb3qchunk/pendulum-random-v0"):
+        load_dataset("minari:sb3qchunk/nothing-v0")

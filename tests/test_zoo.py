@@ -1,5 +1,7 @@
 """End-to-end tests of ``python -m sb3_qchunk.zoo`` (RL Zoo train / enjoy / optimize) on a tiny CPU budget."""
 
+import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +31,7 @@ def test_train_then_enjoy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     logs = tmp_path / "logs"
     out = run_zoo(
         "train", "--algo", "qc", "--env", "Pendulum-v1", "-conf", CPU_CONF, "-n", "400",
-        "--eval-freq", "200", "--eval-episodes", "1", "-f", str(logs), *TINY,
+        "--eval-freq", "200", "--eval-episodes", "2", "-f", str(logs), *TINY,
     )  # fmt: skip
     assert "Overwriting n_timesteps with n=400" in out
     exp = logs / "qc" / "Pendulum-v1_1"
@@ -42,10 +44,25 @@ def test_train_then_enjoy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 
     out = run_zoo(
         "enjoy", "--algo", "qc", "--env", "Pendulum-v1", "-f", str(logs), "--exp-id", "1",
-        "--no-render", "-n", "100", "--num-threads", "1",
+        "--no-render", "-n", "400", "--num-threads", "1",
     )  # fmt: skip
     assert "Loading" in out and "Pendulum-v1.zip" in out
-    assert "Mean reward" in out
+    # -n counts primitive steps: Pendulum's 200-step episodes, twice (not 400 chunks, "Episode Length 40")
+    assert out.count("Episode Length 200") == 2 and "2 Episodes" in out, out
+    rewards = [float(line.split(":")[1]) for line in out.splitlines() if line.startswith("Episode Reward:")]
+    assert len(rewards) == 2 and all(-16.3 * 200 <= r < 0 for r in rewards)  # undiscounted sums of Pendulum's rewards
+
+    # RL Zoo's plot scripts read what train wrote (evaluations at primitive steps)
+    plots = subprocess.run(
+        [sys.executable, "-m", "rl_zoo3.plots.all_plots", "-a", "qc", "-e", "Pendulum-v1", "-f", str(logs),
+         "--no-display", "-o", str(tmp_path / "plots")],
+        check=False, cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "MPLBACKEND": "Agg"},
+    )  # fmt: skip
+    assert plots.returncode == 0, plots.stdout + plots.stderr
+    with open(tmp_path / "plots.pkl", "rb") as file:
+        post_processed = pickle.load(file)
+    (curve,) = post_processed["Pendulum-v1"].values()  # one run: algorithm "QC", label = the folder
+    assert list(curve["timesteps"]) == [200, 400]
 
     pytest.importorskip("pygame")  # Pendulum renders with pygame (the "zoo" extra)
     run_zoo(

@@ -38,9 +38,9 @@ def postgres_url():
         yield url
 
 
-def worker(url: str, study: str, logs: Path, seed: int, n_trials: int = 2, n_timesteps: int = 200) -> subprocess.Popen:
+def worker(url: str, study: str, logs: Path, seed: int, n_trials: int = 2, n_timesteps: int = 200, heartbeat_interval: int = 60) -> subprocess.Popen:
     """One worker process of the search, as on a machine of its own (no update: learning starts after the trial)."""
-    return scaleout_worker(url, study, logs, seed, n_trials, n_timesteps, learning_starts=1000)
+    return scaleout_worker(url, study, logs, seed, n_trials, n_timesteps, learning_starts=1000, heartbeat_interval=heartbeat_interval)
 
 
 def test_two_workers_fill_one_study(postgres_url, tmp_path):
@@ -70,8 +70,8 @@ def test_two_workers_fill_one_study(postgres_url, tmp_path):
     assert re.search(rf"\('chunk_size', {trial.params['chunk_size']}\)", result.stdout), result.stdout
 
 
-def test_a_worker_killed_mid_trial_leaves_the_study_usable(postgres_url, tmp_path):
-    victim = worker(postgres_url, "qc_kill", tmp_path / "victim", seed=3, n_trials=5, n_timesteps=100_000)
+def test_a_worker_killed_mid_trial_is_marked_failed_and_the_others_go_on(postgres_url, tmp_path):
+    victim = worker(postgres_url, "qc_kill", tmp_path / "victim", seed=3, n_trials=5, n_timesteps=100_000, heartbeat_interval=1)
     study = None
     while victim.poll() is None:  # wait until its first trial runs, then kill the process
         try:
@@ -81,14 +81,17 @@ def test_a_worker_killed_mid_trial_leaves_the_study_usable(postgres_url, tmp_pat
         if study is not None and study.get_trials(states=[optuna.trial.TrialState.RUNNING]):
             break
         time.sleep(0.5)
+    assert victim.poll() is None, victim.communicate()[0]
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    survivor = worker(postgres_url, "qc_kill", tmp_path / "survivor", seed=4)
+    time.sleep(3)  # past the grace period (2 heartbeat intervals) after the last heartbeat: the trial is stale
+    survivor = worker(postgres_url, "qc_kill", tmp_path / "survivor", seed=4, heartbeat_interval=1)
     output = survivor.communicate()[0]
     assert survivor.returncode == 0, output
-    states = [trial.state for trial in optuna.load_study(study_name="qc_kill", storage=postgres_url).get_trials()]
-    assert states.count(optuna.trial.TrialState.COMPLETE) == 2  # the other worker's trials
-    assert len(states) == 3  # and the killed one, which never completed
+    trials = optuna.load_study(study_name="qc_kill", storage=postgres_url).get_trials()
+    states = {trial.number: trial.state for trial in trials}
+    # the killed worker's trial was marked failed by the survivor, whose own two trials completed
+    assert states == {0: optuna.trial.TrialState.FAIL, 1: optuna.trial.TrialState.COMPLETE, 2: optuna.trial.TrialState.COMPLETE}
 
 
 def test_threads_inside_one_worker_are_refused(postgres_url, tmp_path):

@@ -78,6 +78,27 @@ def wrap_chunked(env: GymEnv | str | None, chunk_size: int, gamma: float) -> Gym
     return env
 
 
+def check_eval_env(env: VecEnv, chunk_size: int) -> None:
+    """
+    Check the env of an ``EvalCallback`` for a chunk policy: chunk-level (as :func:`wrap_chunked` makes it) with
+    ``Monitor`` inside the chunk wrapper, so that SB3's ``evaluate_policy`` reports primitive episode lengths and
+    undiscounted returns.
+
+    :param env: the callback's ``eval_env`` (SB3 makes it a VecEnv)
+    :param chunk_size: the policy's chunk size
+    :raises ValueError: naming what is missing and how to build the env
+    """
+    fix = f"build it with sb3_qchunk.common.env_util.wrap_chunked(env, chunk_size={chunk_size}, gamma=model.gamma)"
+    if not all(env.env_is_wrapped(ChunkedActionWrapper)):
+        raise ValueError(f"The EvalCallback's env is not chunk-level (the policy emits chunks of {chunk_size} actions): {fix}")
+    _check_chunked_vec_env(env, chunk_size)
+    if not all(env.env_is_wrapped(Monitor)):
+        raise ValueError(
+            "The EvalCallback's env has no Monitor: evaluate_policy would report chunk counts and discounted chunk "
+            f"rewards as episode lengths and returns; {fix}"
+        )
+
+
 def _check_chunked_vec_env(env: VecEnv, chunk_size: int) -> VecEnv:
     if is_vecenv_wrapped(env, VecNormalize):
         raise ValueError("QC does not support VecNormalize: its replay buffer stores the wrapper's raw transitions")

@@ -3,6 +3,7 @@
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.type_aliases import GymEnv
@@ -12,7 +13,7 @@ from sb3_qchunk.wrappers import ChunkedActionWrapper, find_chunk_wrapper
 
 
 def evaluate_success(
-    model: BaseAlgorithm, env: GymEnv, n_eval_episodes: int = 50, deterministic: bool = True
+    model: BaseAlgorithm, env: GymEnv, n_eval_episodes: int = 50, deterministic: bool = True, progress_bar: bool = False
 ) -> dict[str, float]:
     """
     Run ``n_eval_episodes`` episodes and report the success rate (from ``info["is_success"]`` at each
@@ -27,6 +28,7 @@ def evaluate_success(
     :param env: a chunk-level env or VecEnv, or a plain Gymnasium env
     :param n_eval_episodes: number of episodes
     :param deterministic: passed to ``model.predict``
+    :param progress_bar: show a progress bar of the finished episodes
     :return: ``success_rate``, ``mean_return``, ``mean_length`` (primitive steps)
     """
     if not isinstance(env, VecEnv) and find_chunk_wrapper(env) is None:
@@ -41,6 +43,7 @@ def evaluate_success(
     returns: list[float] = []
     lengths: list[int] = []
     running_return, running_length = np.zeros(n_envs), np.zeros(n_envs, dtype=np.int64)
+    pbar = tqdm(total=n_eval_episodes, disable=not progress_bar, desc="evaluation", unit="episode")
 
     def record(locals_: dict[str, Any], globals_: dict[str, Any]) -> None:
         i, info = locals_["i"], locals_["info"]
@@ -53,10 +56,12 @@ def evaluate_success(
             returns.append(float(running_return[i]))
             lengths.append(int(running_length[i]))
             running_return[i], running_length[i] = 0.0, 0
+            pbar.update(1)
 
-    evaluate_policy(
-        model, env, n_eval_episodes=n_eval_episodes, deterministic=deterministic, callback=record, warn=False
-    )
+    with pbar:
+        evaluate_policy(
+            model, env, n_eval_episodes=n_eval_episodes, deterministic=deterministic, callback=record, warn=False
+        )
     return {
         "success_rate": float(np.mean(successes)),
         "mean_return": float(np.mean(returns)),

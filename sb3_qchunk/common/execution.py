@@ -20,7 +20,7 @@ class ChunkPolicy(Protocol):
 class ChunkExecutor:
     """
     A primitive-step policy made of a chunk policy, with SB3's ``predict`` signature, so that SB3's
-    ``evaluate_policy``, ``EvalCallback`` or a robot's control loop can run a QC model on the plain env (one
+    ``evaluate_policy``, RL Zoo's ``enjoy`` or a robot's control loop can run a QC model on the plain env (one
     primitive action per ``predict`` call, per env of a VecEnv).
 
     - ``replan_every=None`` (open loop, as in training): a new chunk is chosen when the last one has been executed

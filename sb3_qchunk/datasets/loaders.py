@@ -237,9 +237,16 @@ def load_minari(dataset_id: str, download: bool = False, sparse: bool = False) -
     try:
         import minari
     except ImportError as e:
-        raise ImportError("load_minari() needs the minari package: pip install minari") from e
+        raise ImportError("load_minari() needs the minari package: pip install 'sb3-qchunk[minari]' (or minari)") from e
 
-    dataset = minari.load_dataset(dataset_id, download=True) if download else minari.load_dataset(dataset_id)
+    try:
+        dataset = minari.load_dataset(dataset_id, download=True) if download else minari.load_dataset(dataset_id)
+    except FileNotFoundError as error:
+        local = sorted(minari.list_local_datasets())
+        raise FileNotFoundError(
+            f"minari:{dataset_id} is not a local Minari dataset ({error}). Local datasets: {', '.join(local) or 'none'} "
+            "(the folder is $MINARI_DATASETS_PATH, default ~/.minari/datasets); download=True fetches a remote one"
+        ) from error
     observations, next_observations, actions, rewards, terminated, terminals = [], [], [], [], [], []
     for episode in dataset.iterate_episodes():
         n_steps = len(episode.rewards)

@@ -2,12 +2,14 @@ import io
 import math
 import pathlib
 import warnings
+from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common import utils
+from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList, ConvertCallback
 from stable_baselines3.common.noise import ActionNoise
@@ -20,8 +22,15 @@ from stable_baselines3.common.vec_env import VecEnv
 from tqdm.auto import tqdm
 
 from sb3_qchunk.common.buffers import ChunkReplayBuffer, ChunkReplayBufferSamples, usable_windows
-from sb3_qchunk.common.callbacks import ChunkProgressBarCallback
-from sb3_qchunk.common.env_util import check_finite_observations, check_finite_transitions, wrap_chunked
+from sb3_qchunk.common.callbacks import (
+    ChunkProgressBarCallback,
+    ClockLogger,
+    eval_callbacks,
+    offline_updates_clock,
+    on_clock,
+    primitive_steps_clock,
+)
+from sb3_qchunk.common.env_util import check_eval_env, check_finite_observations, check_finite_transitions, wrap_chunked
 from sb3_qchunk.datasets import load_dataset
 from sb3_qchunk.qc.compiled_update import COMPILE_MODES, CompiledUpdate, supports_one_graph
 from sb3_qchunk.qc.policies import (
@@ -393,8 +402,11 @@ class QC(OffPolicyAlgorithm):
         Offline gradient steps on the replay buffer (the offline phase of offline-to-online learning).
 
         Callbacks are called once every ``log_interval`` updates (``n_calls`` counts those blocks; the env is not
-        stepped, so ``num_timesteps`` stays where it is); the logger dumps at the same rate, with the number
-        of updates as its step.
+        stepped, so ``num_timesteps`` stays where it is); the frequencies of ``EvalCallback`` and
+        ``CheckpointCallback`` count offline updates (``offline_updates_done``), checked at those calls. The logger
+        dumps at the same rate. Everything logged here (also by callbacks) has the offline updates done as its step,
+        in one TensorBoard run ``<tb_log_name>_offline_<k>`` for the whole offline phase; ``learn``'s run
+        ``<tb_log_name>_<k>`` has the primitive env steps (``num_timesteps``), as in SB3.
 
         :param n_updates: number of gradient steps
         :param callback: callback(s) called every ``log_interval`` updates (e.g. an ``EvalCallback``)
@@ -407,23 +419,31 @@ class QC(OffPolicyAlgorithm):
             raise RuntimeError("pretrain() needs data in the replay buffer: call load_dataset() first")
         self._plan_updates(n_updates)
         if not self._custom_logger:
-            self._logger = utils.configure_logger(self.verbose, self.tensorboard_log, tb_log_name + "_offline", True)
-        callback = self._init_callback(callback, progress_bar=False)
-        callback.on_training_start(locals(), globals())
-        done = 0
-        with tqdm(total=n_updates, disable=not progress_bar, desc="offline updates", unit="update") as pbar:
-            while done < n_updates:
-                block = min(log_interval, n_updates - done)
-                self.train(block, self.batch_size)
-                done += block
-                self.offline_updates_done += block
-                pbar.update(block)
-                self.logger.record("time/offline_updates", self.offline_updates_done)
-                self.logger.dump(step=self._n_updates)
-                callback.update_locals(locals())
-                if not callback.on_step():
-                    break
-        callback.on_training_end()
+            # one TensorBoard run for the whole offline phase, also when it is split into several calls
+            self._logger = utils.configure_logger(
+                self.verbose, self.tensorboard_log, tb_log_name + "_offline", reset_num_timesteps=self.offline_updates_done == 0
+            )
+        logger = self._logger
+        self._logger = ClockLogger(logger, lambda: self.offline_updates_done)  # x-axis: offline updates
+        try:
+            callback = self._init_callback(callback, progress_bar=False, clock=offline_updates_clock)
+            callback.on_training_start(locals(), globals())
+            done = 0
+            with tqdm(total=n_updates, disable=not progress_bar, desc="offline updates", unit="update") as pbar:
+                while done < n_updates:
+                    block = min(log_interval, n_updates - done)
+                    self.train(block, self.batch_size)
+                    done += block
+                    self.offline_updates_done += block
+                    pbar.update(block)
+                    self.logger.record("time/offline_updates", self.offline_updates_done)
+                    self.logger.dump()
+                    callback.update_locals(locals())
+                    if not callback.on_step():
+                        break
+            callback.on_training_end()
+        finally:
+            self._logger = logger
         return self
 
     # ----------------------------------------------------------------------------------------------
@@ -753,12 +773,25 @@ class QC(OffPolicyAlgorithm):
                 stacklevel=3,
             )
 
-    def _init_callback(self, callback: MaybeCallback, progress_bar: bool = False) -> BaseCallback:
-        # SB3's progress bar advances by one per env.step call; ours by the primitive steps a chunk ran.
+    def _init_callback(
+        self,
+        callback: MaybeCallback,
+        progress_bar: bool = False,
+        clock: Callable[[BaseAlgorithm], int] = primitive_steps_clock,
+    ) -> BaseCallback:
+        """
+        SB3's callback setup, with the frequencies of ``EvalCallback`` (``eval_freq``) and ``CheckpointCallback``
+        (``save_freq``) counted on ``clock`` (primitive steps of one env in ``learn``, offline updates in
+        ``pretrain``) instead of calls, and the progress bar advanced by primitive steps. An ``EvalCallback``'s env
+        must be chunk-level with ``Monitor`` inside (see :func:`~sb3_qchunk.common.env_util.check_eval_env`).
+        """
         if isinstance(callback, list):
             callback = CallbackList(callback)
         if not isinstance(callback, BaseCallback):
             callback = ConvertCallback(callback)
+        callback = on_clock(callback, clock)
+        for eval_callback in eval_callbacks(callback):
+            check_eval_env(eval_callback.eval_env, self.env_chunk_size)
         if progress_bar:
             callback = CallbackList([callback, ChunkProgressBarCallback()])
         callback.init_callback(self)
@@ -806,8 +839,8 @@ class QC(OffPolicyAlgorithm):
         part of it: step such an env through the wrapper (``sb3_qchunk.common.env_util.wrap_chunked``), evaluate
         with :func:`~sb3_qchunk.common.evaluation.evaluate_success`, which wraps a plain env itself, or use
         :class:`~sb3_qchunk.common.execution.ChunkExecutor`, a primitive-step policy made of this one. SB3's
-        ``evaluate_policy`` and ``EvalCallback`` need the chunk-level env or the executor: they give ``predict`` no
-        access to the env, so it cannot tell the two apart. With ``action_chunking=False`` a chunk has one action.
+        ``evaluate_policy`` needs the chunk-level env or the executor: it gives ``predict`` no access to the env,
+        so it cannot tell the two apart (``learn`` checks an ``EvalCallback``'s env). With ``action_chunking=False`` a chunk has one action.
 
         :param observation: the observation(s)
         :param state: unused (no recurrent state), kept for SB3's signature
@@ -827,6 +860,25 @@ class QC(OffPolicyAlgorithm):
         reset_num_timesteps: bool = True,
         progress_bar: bool = False,
     ) -> SelfQC:
+        """
+        Learn online for ``total_timesteps`` primitive env steps (chunks run open-loop, every primitive transition
+        stored), after the ``offline_updates`` still to do (:meth:`pretrain`).
+
+        Callbacks: ``on_step`` is called once per chunk (``n_calls`` counts chunks, ``num_timesteps`` primitive
+        steps). The frequencies of SB3's ``EvalCallback`` (``eval_freq``) and ``CheckpointCallback`` (``save_freq``)
+        count primitive steps of one env, as SB3's count ``env.step`` calls of one env: they act at the first
+        chunk end at or after each multiple (at most once per chunk). An ``EvalCallback``'s env must be chunk-level
+        with ``Monitor`` inside (:func:`~sb3_qchunk.common.env_util.wrap_chunked` makes it so), so that it reports
+        primitive episode lengths and undiscounted returns.
+
+        :param total_timesteps: primitive env steps to run (all envs together)
+        :param callback: callback(s) called after every chunk
+        :param log_interval: episodes between two logger dumps
+        :param tb_log_name: name of the TensorBoard run
+        :param reset_num_timesteps: start the step count (and the envs) anew; False goes on from the last call
+        :param progress_bar: show a progress bar of the primitive steps
+        :return: the trained model
+        """
         remaining = self.offline_updates - self.offline_updates_done
         if remaining > 0:
             self.pretrain(remaining, tb_log_name=tb_log_name, progress_bar=progress_bar)
