@@ -176,7 +176,8 @@ def run_one(job: tuple[argparse.Namespace, str, str, int, Path]) -> list[dict[st
     rows: list[dict[str, Any]] = []
 
     def evaluate(phase: str) -> None:
-        rate = evaluate_success(model, eval_env, args.eval_episodes)["success_rate"]
+        # sampled chunks (fresh flow noise), as the paper evaluates
+        rate = evaluate_success(model, eval_env, args.eval_episodes, deterministic=False)["success_rate"]
         rows.append(dict(
             env=env, method=method, seed=seed, phase=phase, offline_updates_done=model.offline_updates_done,
             online_env_steps=model.num_timesteps, success_rate=rate, wall_s=round(time.time() - start, 1),

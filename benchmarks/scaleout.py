@@ -1,6 +1,6 @@
 """
 RL Zoo's hyperparameter search for QC scaled out over worker processes sharing one study in PostgreSQL: trials per
-minute with 1 and with 2 workers, the same trials in all (Pendulum, CPU scale, a few hundred steps each).
+minute with 1 and with 2 workers, the same trials in both (Pendulum, CPU scale, a few hundred steps each).
 
 The script starts a PostgreSQL server of its own (``initdb`` / ``pg_ctl`` from ``pg_config --bindir`` or
 ``/usr/lib/postgresql/*/bin``; data and socket in a temp dir, no TCP; as the ``postgres`` user when run as root)
@@ -82,8 +82,12 @@ def worker(
     n_timesteps: int,
     learning_starts: int = 100,
     heartbeat_interval: int = 60,
+    max_total_trials: int | None = None,
 ) -> subprocess.Popen:
-    """One worker process of the search: ``n_trials`` trials of ``n_timesteps`` primitive steps each."""
+    """
+    One worker process of the search: ``n_trials`` trials of ``n_timesteps`` primitive steps each (with
+    ``max_total_trials``: trials until the study holds that many).
+    """
     command = [
         sys.executable, "-m", "sb3_qchunk.zoo", "train", "--algo", "qc", "--env", "Pendulum-v1", "-conf", CPU_CONF,
         "-n", str(n_timesteps), "-optimize", "--n-trials", str(n_trials), "--n-evaluations", "1", "--eval-episodes", "1",
@@ -91,13 +95,41 @@ def worker(
         "-f", str(logs), "-params", f"learning_starts:{learning_starts}", "--num-threads", "1", "--seed", str(seed),
         "--heartbeat-interval", str(heartbeat_interval),
     ]  # fmt: skip
+    if max_total_trials is not None:
+        command += ["--max-total-trials", str(max_total_trials)]
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def run_search(url: str, study: str, n_workers: int, trials: int, n_timesteps: int, logs: Path) -> float:
-    """Wall-clock seconds for ``n_workers`` workers to run ``trials`` trials in all (split evenly) into one study."""
+def search_space_sample(n_trials: int, seed: int = 0) -> list[dict]:
+    """``n_trials`` hyperparameter sets drawn from QC's search space (``sb3_qchunk.zoo.sample_qc_params``) by a seeded random sampler."""
+    import optuna
+
+    from sb3_qchunk.zoo import sample_qc_params
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    sample = []
+    for _ in range(n_trials):
+        trial = study.ask()
+        sample_qc_params(trial, 1, 1, {})
+        sample.append(trial.params)
+    return sample
+
+
+def run_search(url: str, study: str, n_workers: int, params: list[dict], n_timesteps: int, logs: Path) -> float:
+    """
+    Wall-clock seconds for ``n_workers`` workers to run the trials ``params`` (enqueued in the study first, so that
+    every search runs the same trials; each worker takes the next waiting one until all have run).
+    """
+    import optuna
+
+    enqueued = optuna.create_study(storage=url, study_name=study, direction="maximize")
+    for trial_params in params:
+        enqueued.enqueue_trial(trial_params)
     start = time.perf_counter()
-    processes = [worker(url, study, logs / f"{study}-{i}", 10 * n_workers + i, trials // n_workers, n_timesteps) for i in range(n_workers)]
+    processes = [
+        worker(url, study, logs / f"{study}-{i}", 10 * n_workers + i, len(params), n_timesteps, max_total_trials=len(params))
+        for i in range(n_workers)
+    ]
     for process in processes:
         output = process.communicate()[0]
         if process.returncode != 0:
@@ -122,24 +154,28 @@ def main() -> None:
     if bin_dir is None:
         raise SystemExit("PostgreSQL's server binaries (initdb, pg_ctl) are not installed")
     rows = []
+    params = search_space_sample(args.trials)
     with postgres_server(bin_dir) as url, tempfile.TemporaryDirectory() as logs:
         for n_workers in (1, 2):
             study = f"scaleout-{n_workers}"
-            seconds = run_search(url, study, n_workers, args.trials, args.n_timesteps, Path(logs))
+            seconds = run_search(url, study, n_workers, params, args.n_timesteps, Path(logs))
             trials = optuna.load_study(study_name=study, storage=url).get_trials()
-            complete = sum(trial.state == optuna.trial.TrialState.COMPLETE for trial in trials)
-            rows.append((n_workers, len(trials), complete, seconds, 60 * complete / seconds))
+            complete = [trial for trial in trials if trial.state == optuna.trial.TrialState.COMPLETE]
+            same = sorted(map(str, (t.params for t in complete))) == sorted(map(str, params))
+            rows.append((n_workers, len(trials), len(complete), same, seconds, 60 * len(complete) / seconds))
     lines = [
         *report_header("Hyperparameter search over worker processes sharing one PostgreSQL study", "cpu"),
         "",
         f"Pendulum-v1, `zoo_hyperparams/qc_cpu.yml`, {args.trials} trials of {args.n_timesteps} primitive steps per "
-        "search, random sampler, one torch thread per worker; the wall clock includes each worker's start-up.",
+        "search: the same hyperparameter sets in each search (drawn once from QC's search space by a seeded random "
+        "sampler and enqueued in the study; each worker takes the next waiting trial, `--max-total-trials`), one "
+        "torch thread per worker; the wall clock includes each worker's start-up.",
         "",
-        "| workers | trials in the study | complete | wall s | trials per minute |",
-        "|---|---|---|---|---|",
-        *(f"| {w} | {n} | {c} | {s:.0f} | {r:.2f} |" for w, n, c, s, r in rows),
+        "| workers | trials in the study | complete | the enqueued trials | wall s | trials per minute |",
+        "|---|---|---|---|---|---|",
+        *(f"| {w} | {n} | {c} | {'yes' if same else 'NO'} | {s:.0f} | {r:.2f} |" for w, n, c, same, s, r in rows),
         "",
-        f"2 workers / 1 worker: {rows[1][4] / rows[0][4]:.2f}x the trials per minute.",
+        f"2 workers / 1 worker: {rows[1][5] / rows[0][5]:.2f}x the trials per minute.",
         "",
     ]
     report = "\n".join(lines)

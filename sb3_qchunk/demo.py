@@ -100,7 +100,8 @@ def train_and_evaluate(job: tuple[argparse.Namespace, str, Path]) -> list[dict[s
     rows: list[dict[str, Any]] = []
 
     def evaluate(phase: str, x: int) -> None:
-        rate = evaluate_success(model, eval_env, args.eval_episodes)["success_rate"]
+        # sampled chunks (fresh flow noise), as the paper evaluates
+        rate = evaluate_success(model, eval_env, args.eval_episodes, deterministic=False)["success_rate"]
         rows.append(dict(method=method, phase=phase, x=x, success_rate=rate, wall_s=round(time.time() - start, 1)))
         print(f"[{time.time() - start:6.0f} s] {method:10s} {phase:8s} {x:6d}: success rate {rate:.2f}", flush=True)
 

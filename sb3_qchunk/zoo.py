@@ -26,6 +26,7 @@ import re
 import runpy
 import sys
 import time
+from collections.abc import Callable
 from copy import deepcopy
 from typing import Any
 
@@ -344,16 +345,22 @@ class PrimitiveStepPlayer:
     a :class:`~sb3_qchunk.common.execution.ChunkExecutor`, a policy of one primitive action per ``predict``, to run
     on the env without its chunk wrapper (:func:`primitive_test_env`). So ``-n`` counts primitive steps, the episode
     lengths and rewards printed are primitive steps and undiscounted returns, and a video has a frame per step.
+    The chunks run open-loop, or as ``--replan-every K`` / ``--temporal-ensemble M`` of ``enjoy`` and
+    ``record-video`` say (:attr:`replan_every`, :attr:`temporal_ensemble`; see ``ChunkExecutor``).
     """
 
-    @staticmethod
-    def load(path: str, env: Any = None, **kwargs: Any) -> ChunkExecutor:
+    #: the executor's settings, from the command line
+    replan_every: int | None = None
+    temporal_ensemble: float | None = None
+
+    @classmethod
+    def load(cls, path: str, env: Any = None, **kwargs: Any) -> ChunkExecutor:
         """
         :param path: the saved model
         :param env: ignored (the executor needs no env; the saved model knows its spaces)
         :param kwargs: passed to :meth:`QC.load`
         """
-        return ChunkExecutor(QC.load(path, **kwargs))
+        return ChunkExecutor(QC.load(path, **kwargs), replan_every=cls.replan_every, temporal_ensemble=cls.temporal_ensemble)
 
 
 def primitive_test_env(*args: Any, hyperparams: dict[str, Any], **kwargs: Any) -> Any:
@@ -372,11 +379,25 @@ def _wrapper_name(wrapper: Any) -> str:
     return wrapper if isinstance(wrapper, str) else next(iter(wrapper))
 
 
+def _pop_option(flags: list[str], name: str, convert: Callable[[str], Any]) -> Any:
+    """Remove ``name VALUE`` from ``flags`` (ours, not RL Zoo's) and return ``convert(VALUE)``, or None if absent."""
+    if name not in flags:
+        return None
+    index = flags.index(name)
+    try:
+        value = convert(flags[index + 1])
+    except (IndexError, ValueError):
+        raise SystemExit(f"{name} takes a {convert.__name__} value") from None
+    del flags[index : index + 2]
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     """
     Run an RL Zoo command with QC registered: ``train``, ``enjoy`` or ``record-video`` followed by its flags. ``train``
     also takes ``--heartbeat-interval SECONDS`` (default 60) for searches in a database (see
-    :meth:`QCExperimentManager.hyperparameters_optimization`).
+    :meth:`QCExperimentManager.hyperparameters_optimization`); ``enjoy`` and ``record-video`` take
+    ``--replan-every K`` or ``--temporal-ensemble M`` (see :class:`PrimitiveStepPlayer`).
 
     :param argv: the command and its flags (default: ``sys.argv[1:]``)
     """
@@ -386,15 +407,15 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"usage: python -m sb3_qchunk.zoo {{{','.join(commands)}}} [RL Zoo flags]")
     register_qc()
     command, flags = argv[0], list(argv[1:])
-    if command == "train" and "--heartbeat-interval" in flags:
-        index = flags.index("--heartbeat-interval")
-        try:
-            QCExperimentManager.heartbeat_interval = int(flags[index + 1])
-        except (IndexError, ValueError):
-            raise SystemExit("--heartbeat-interval takes a whole number of seconds") from None
-        if QCExperimentManager.heartbeat_interval < 1:
-            raise SystemExit("--heartbeat-interval must be at least 1 second")
-        del flags[index : index + 2]
+    if command == "train":
+        heartbeat = _pop_option(flags, "--heartbeat-interval", int)
+        if heartbeat is not None:
+            if heartbeat < 1:
+                raise SystemExit("--heartbeat-interval must be at least 1 second")
+            QCExperimentManager.heartbeat_interval = heartbeat
+    else:
+        PrimitiveStepPlayer.replan_every = _pop_option(flags, "--replan-every", int)
+        PrimitiveStepPlayer.temporal_ensemble = _pop_option(flags, "--temporal-ensemble", float)
     # RL Zoo's entry points parse sys.argv themselves
     sys.argv = [f"{sys.argv[0]} {command}", *flags]
     if command == "train":

@@ -12,6 +12,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.noise import NormalActionNoise
 from stable_baselines3.common.vec_env import DummyVecEnv
+from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
 
 from sb3_qchunk import QC, ChunkedActionWrapper, ChunkReplayBuffer
 from sb3_qchunk.common.evaluation import evaluate_success
@@ -320,6 +321,7 @@ def test_buffer_size_counts_all_envs_as_in_sb3():
         (dict(action_noise=NormalActionNoise(np.zeros(1), np.ones(1))), "QC does not take action_noise"),
         (dict(optimize_memory_usage=True), "QC does not support optimize_memory_usage"),
         (dict(replay_buffer_class=ReplayBuffer), "replay_buffer_class must be ChunkReplayBuffer or a subclass"),
+        (dict(replay_buffer_class=HerReplayBuffer), "QC does not offer HER relabelling: a relabelled chunk window"),
         (dict(replay_buffer_kwargs=dict(gamma=0.5)), r"replay_buffer_kwargs \['gamma'\] come from QC's own settings"),
     ],
 )

@@ -52,6 +52,13 @@ def test_train_then_enjoy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     rewards = [float(line.split(":")[1]) for line in out.splitlines() if line.startswith("Episode Reward:")]
     assert len(rewards) == 2 and all(-16.3 * 200 <= r < 0 for r in rewards)  # undiscounted sums of Pendulum's rewards
 
+    # the other execution modes of the executor, from the command line
+    out = run_zoo(
+        "enjoy", "--algo", "qc", "--env", "Pendulum-v1", "-f", str(logs), "--exp-id", "1",
+        "--no-render", "-n", "200", "--num-threads", "1", "--temporal-ensemble", "0.01",
+    )  # fmt: skip
+    assert out.count("Episode Length 200") == 1, out
+
     # RL Zoo's plot scripts read what train wrote (evaluations at primitive steps)
     plots = subprocess.run(
         [sys.executable, "-m", "rl_zoo3.plots.all_plots", "-a", "qc", "-e", "Pendulum-v1", "-f", str(logs),

@@ -111,5 +111,5 @@ def test_scaleout_benchmark_smoke(tmp_path):
     out = tmp_path / "scaleout.md"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scaleout.py"), "--smoke", "--out", str(out)], check=True)
     rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith(("| 1 |", "| 2 |"))]
-    assert [(int(row[0]), int(row[1]), int(row[2])) for row in rows] == [(1, 2, 2), (2, 2, 2)]
-    assert all(float(row[4]) > 0 for row in rows)
+    assert [(int(row[0]), int(row[1]), int(row[2]), row[3].strip()) for row in rows] == [(1, 2, 2, "yes"), (2, 2, 2, "yes")]
+    assert all(float(row[5]) > 0 for row in rows)

@@ -9,6 +9,7 @@ from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.type_aliases import GymEnv
 from stable_baselines3.common.vec_env import VecEnv
 
+from sb3_qchunk.common.execution import ChunkExecutor
 from sb3_qchunk.wrappers import ChunkedActionWrapper, find_chunk_wrapper
 
 
@@ -22,15 +23,20 @@ def evaluate_success(
     really ran (``info["primitive_rewards"]``), whatever Monitor wrappers the env has.
 
     A plain (primitive-step) Gymnasium env is wrapped into chunks of the model's size, so each chunk runs
-    open-loop as in training; a VecEnv must be chunk-level already.
+    open-loop as in training; a VecEnv must be chunk-level already. A
+    :class:`~sb3_qchunk.common.execution.ChunkExecutor` (receding horizon, temporal ensembling) runs on the plain
+    env instead, one primitive action per step; success is then read from the env's ``info["is_success"]`` or
+    OGBench's ``info["success"]`` at the episode's end.
 
-    :param model: the agent (``predict`` returns a chunk)
-    :param env: a chunk-level env or VecEnv, or a plain Gymnasium env
+    :param model: the agent (``predict`` returns a chunk), or a ``ChunkExecutor`` made of it
+    :param env: a chunk-level env or VecEnv, or a plain Gymnasium env (for a ``ChunkExecutor``: a plain env or VecEnv)
     :param n_eval_episodes: number of episodes
     :param deterministic: passed to ``model.predict``
     :param progress_bar: show a progress bar of the finished episodes
     :return: ``success_rate``, ``mean_return``, ``mean_length`` (primitive steps)
     """
+    if isinstance(model, ChunkExecutor):
+        return _evaluate_primitive_policy(model, env, n_eval_episodes, deterministic, progress_bar)
     if not isinstance(env, VecEnv) and find_chunk_wrapper(env) is None:
         chunk_size = getattr(model, "env_chunk_size", None)
         if chunk_size is None:
@@ -68,3 +74,31 @@ def evaluate_success(
         "mean_length": float(np.mean(lengths)),
     }
 
+
+
+def _evaluate_primitive_policy(
+    policy: ChunkExecutor, env: GymEnv, n_eval_episodes: int, deterministic: bool, progress_bar: bool
+) -> dict[str, float]:
+    """:func:`evaluate_success` of a primitive-step policy on a primitive-step env."""
+    chunked = all(env.env_is_wrapped(ChunkedActionWrapper)) if isinstance(env, VecEnv) else find_chunk_wrapper(env) is not None
+    if chunked:
+        raise ValueError("A ChunkExecutor acts one primitive action at a time: evaluate it on the env without ChunkedActionWrapper")
+    successes: list[float] = []
+
+    def record(locals_: dict[str, Any], globals_: dict[str, Any]) -> None:
+        i, info = locals_["i"], locals_["info"]
+        if locals_["episode_counts"][i] < locals_["episode_count_targets"][i] and locals_["done"]:
+            successes.append(float(info.get("is_success", info.get("success", False))))
+            pbar.update(1)
+
+    with tqdm(total=n_eval_episodes, disable=not progress_bar, desc="evaluation", unit="episode") as pbar:
+        returns, lengths = evaluate_policy(
+            policy,  # type: ignore[arg-type]
+            env,
+            n_eval_episodes=n_eval_episodes,
+            deterministic=deterministic,
+            callback=record,
+            return_episode_rewards=True,
+            warn=False,
+        )
+    return {"success_rate": float(np.mean(successes)), "mean_return": float(np.mean(returns)), "mean_length": float(np.mean(lengths))}

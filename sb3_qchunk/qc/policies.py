@@ -29,6 +29,8 @@ from sb3_qchunk.common.torch_layers import EnsembleLayerNorm, EnsembleLinear
 
 ACTOR_TYPES = ("best_of_n", "distill")
 Q_AGGREGATIONS = ("mean", "min")
+#: seed of the fixed noise of deterministic chunks (``predict(deterministic=True)``)
+DETERMINISTIC_NOISE_SEED = 0
 
 
 class FlowVelocityField(nn.Module):
@@ -376,6 +378,7 @@ class QCPolicy(BasePolicy):
         self.chunk_dim = get_action_dim(action_space)  # size of the flattened chunk (a plain int: no numpy when compiled)
         self._build(lr_schedule)
         self._compiled_sampling: Callable[..., th.Tensor] | None = None  # torch.compile'd sampling, built on first use
+        self._fixed_noise: th.Tensor | None = None  # the noise of deterministic chunks, drawn on first use
 
     def _build(self, lr_schedule: Schedule) -> None:
         self.actor = self.make_actor()
@@ -484,6 +487,19 @@ class QCPolicy(BasePolicy):
         shape = (batch_size, self.num_samples, self.chunk_dim) if self.actor_type == "best_of_n" else (batch_size, self.chunk_dim)
         return th.randn(shape, device=self.device)
 
+    def fixed_noise(self, batch_size: int) -> th.Tensor:
+        """
+        The noise of deterministic chunks (``predict(deterministic=True)``): the same draw for every observation and
+        every call, of :meth:`sampling_noise`'s shape, from a generator of its own seeded with
+        :data:`DETERMINISTIC_NOISE_SEED` (the global RNG is not used, so deterministic evaluations leave training's
+        random stream as it was). A saved and loaded model draws the same.
+        """
+        shape = (self.num_samples, self.chunk_dim) if self.actor_type == "best_of_n" else (self.chunk_dim,)
+        if self._fixed_noise is None or self._fixed_noise.shape != shape or self._fixed_noise.device != self.device:
+            generator = th.Generator().manual_seed(DETERMINISTIC_NOISE_SEED)  # on the CPU: the same numbers on any device
+            self._fixed_noise = th.randn(shape, generator=generator).to(self.device)
+        return self._fixed_noise.expand(batch_size, *shape)
+
     def _sampling_fn(self) -> Callable[..., th.Tensor]:
         """:meth:`sample_chunks_from_noise`, or its ``torch.compile``'d version with ``compile_sampling``."""
         if not self.compile_sampling:
@@ -509,15 +525,18 @@ class QCPolicy(BasePolicy):
         return self.actor.best_of_n(actor_features, critic_features, self.critic, noise, self.q_aggregation)
 
     @th.no_grad()
-    def sample_chunks(self, obs: PyTorchObs) -> th.Tensor:
+    def sample_chunks(self, obs: PyTorchObs, deterministic: bool = False) -> th.Tensor:
         """
-        The chunks the agent acts with, in [-1, 1].
+        The chunks the agent acts with, in [-1, 1]: from fresh noise, or with ``deterministic`` from
+        :meth:`fixed_noise`, so that an observation always gets the same chunk (up to the float rounding of the
+        batch it is in).
 
         :param obs: a batch of (preprocessed by SB3's ``obs_to_tensor``) observations
+        :param deterministic: use the fixed noise instead of drawing
         :return: (B, D) float32 chunks
         """
         batch_size = len(next(iter(obs.values())) if isinstance(obs, dict) else obs)
-        noise = self.sampling_noise(batch_size)
+        noise = self.fixed_noise(batch_size) if deterministic else self.sampling_noise(batch_size)
         with self.sampling_autocast(batch_size):
             chunks = self._sampling_fn()(obs, noise)
         return chunks.float()
@@ -526,7 +545,7 @@ class QCPolicy(BasePolicy):
         return self._predict(obs, deterministic=deterministic)
 
     def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> th.Tensor:
-        return self.sample_chunks(observation)
+        return self.sample_chunks(observation, deterministic=deterministic)
 
     def set_training_mode(self, mode: bool) -> None:
         self.actor.set_training_mode(mode)

@@ -11,6 +11,7 @@ from gymnasium import spaces
 from stable_baselines3.common import utils
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.buffers import ReplayBuffer
+from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList, ConvertCallback
 from stable_baselines3.common.noise import ActionNoise
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
@@ -231,6 +232,13 @@ class QC(OffPolicyAlgorithm):
             raise ValueError("QC does not take action_noise: it explores by sampling its flow policy (best-of-N or one-step noise)")
         if optimize_memory_usage:
             raise ValueError("QC does not support optimize_memory_usage: its windows read each step's own next observation")
+        if isinstance(replay_buffer_class, type) and issubclass(replay_buffer_class, HerReplayBuffer):
+            raise ValueError(
+                "QC does not offer HER relabelling: a relabelled chunk window needs every step's reward recomputed for "
+                "the new goal (env.compute_reward), terminations and episode ends included, which SB3's HerReplayBuffer "
+                "does for single transitions only. Goal-conditioned envs with Dict observations train without it "
+                "(the goal is part of the observation); for sparse goals, offline data or a shaped reward"
+            )
         if replay_buffer_class is not None and not (isinstance(replay_buffer_class, type) and issubclass(replay_buffer_class, ChunkReplayBuffer)):
             raise ValueError(
                 f"replay_buffer_class must be ChunkReplayBuffer or a subclass (QC samples windows of chunk_size primitive "
@@ -845,8 +853,10 @@ class QC(OffPolicyAlgorithm):
         :param observation: the observation(s)
         :param state: unused (no recurrent state), kept for SB3's signature
         :param episode_start: unused, kept for SB3's signature
-        :param deterministic: has no effect: chunks are sampled from the flow (best-of-N or the one-step actor) as
-            in the paper, also for evaluation; seed torch for reproducible chunks
+        :param deterministic: False (as in training and in the paper's evaluations): chunks from fresh flow noise (best-of-N
+            or the one-step actor), drawn from torch's global RNG. True: from a fixed noise draw (the same for every
+            observation and call, its own generator), so the same observation gives the same chunk, before and after
+            save/load, and the global RNG is not used
         :return: the chunk(s) and None
         """
         return super().predict(observation, state, episode_start, deterministic)
