@@ -26,6 +26,7 @@ import re
 import runpy
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from copy import deepcopy
 from typing import Any
@@ -214,6 +215,13 @@ class QCExperimentManager(ExperimentManager):
                     "Add one (or a 'default' entry) to a copy of the file and pass it with -conf."
                 )
         hyperparams, saved_hyperparams = super().read_hyperparameters()
+        if self.storage and self.study_name and self.trial_id == 0:
+            # RL Zoo tests `if self.trial_id:` and so skips trial 0: load it as it loads the others (the file's values,
+            # then the trial's, then -params)
+            print("Loading from Optuna study...")
+            hyperparams.update(self.load_trial(self.storage, self.study_name, 0))
+            hyperparams.update(self.custom_hyperparams or {})
+            saved_hyperparams = OrderedDict((key, hyperparams[key]) for key in sorted(hyperparams))
         if self.algo == "qc":
             # The saved config (used by enjoy / record-video) gets the synced wrapper too.
             hyperparams["env_wrapper"] = saved_hyperparams["env_wrapper"] = sync_chunk_wrapper(hyperparams)

@@ -1,6 +1,5 @@
 """RL Zoo's hyperparameter search for QC with several worker processes sharing one study in a real PostgreSQL server."""
 
-import re
 import signal
 import socket
 import subprocess
@@ -9,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 optuna = pytest.importorskip("optuna")
 pytest.importorskip("psycopg2", reason="the PostgreSQL driver (extra 'postgresql') is not installed")
@@ -53,21 +53,26 @@ def test_two_workers_fill_one_study(postgres_url, tmp_path):
     assert sorted(trial.number for trial in trials) == [0, 1, 2, 3]  # 2 workers x 2 trials, none lost or doubled
     assert all(trial.state == optuna.trial.TrialState.COMPLETE for trial in trials)
     assert all("chunk_size" in trial.params for trial in trials)
-    # A trial's hyperparameters are loadable by RL Zoo (--trial-id; RL Zoo skips trial 0, which it reads as "none"):
-    # one whose chunk size differs from the file's (5) where there is one, so that the check below can fail.
-    trial = next((t for t in trials[1:] if t.params["chunk_size"] != 5), trials[1])
-    result = subprocess.run(
-        [
-            sys.executable, "-m", "sb3_qchunk.zoo", "train", "--algo", "qc", "--env", "Pendulum-v1", "-conf", CPU_CONF,
-            "-n", "20", "--storage", postgres_url, "--study-name", "qc_pg", "--trial-id", str(trial.number), "-f", str(tmp_path / "best"),
-            "-params", "learning_starts:1000", "--eval-freq", "-1", "--num-threads", "1",
-        ],  # fmt: skip
-        cwd=ROOT, capture_output=True, text=True,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "Loading from Optuna study" in result.stdout
-    # RL Zoo prints the hyperparameters it trains with (an OrderedDict of pairs) after loading the trial's.
-    assert re.search(rf"\('chunk_size', {trial.params['chunk_size']}\)", result.stdout), result.stdout
+    # A trial's hyperparameters are loadable by RL Zoo (--trial-id), trial 0 included (RL Zoo itself skips it: it tests
+    # `if trial_id:`); trained with: the config RL Zoo saves. Trial 0 and one whose chunk size differs from the file's
+    # (5) where there is one, so that the check can fail.
+    other = next((t for t in trials[1:] if t.params["chunk_size"] != 5), trials[1])
+    for trial in (trials[0], other):
+        logs = tmp_path / f"trial{trial.number}"
+        result = subprocess.run(
+            [
+                sys.executable, "-m", "sb3_qchunk.zoo", "train", "--algo", "qc", "--env", "Pendulum-v1", "-conf", CPU_CONF,
+                "-n", "20", "--storage", postgres_url, "--study-name", "qc_pg", "--trial-id", str(trial.number), "-f", str(logs),
+                "-params", "learning_starts:1000", "--eval-freq", "-1", "--num-threads", "1",
+            ],  # fmt: skip
+            cwd=ROOT, capture_output=True, text=True,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "Loading from Optuna study" in result.stdout
+        config = dict(yaml.unsafe_load((logs / "qc" / "Pendulum-v1_1" / "Pendulum-v1" / "config.yml").read_text()))
+        assert config["chunk_size"] == trial.params["chunk_size"]
+        assert config["learning_rate"] == trial.params["learning_rate"] and config["learning_starts"] == 1000  # -params last
+        assert config["env_wrapper"] == [{"sb3_qchunk.ChunkedActionWrapper": {"chunk_size": trial.params["chunk_size"], "gamma": config["gamma"]}}]
 
 
 def test_a_worker_killed_mid_trial_is_marked_failed_and_the_others_go_on(postgres_url, tmp_path):
