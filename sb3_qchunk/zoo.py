@@ -11,7 +11,11 @@ before it runs:
 - for ``train``, :class:`QCExperimentManager` in place of RL Zoo's ``ExperimentManager``: it keeps the chunk
   wrapper of the hyperparameter file (``env_wrapper: - sb3_qchunk.ChunkedActionWrapper``) in step with QC's
   ``chunk_size``, ``action_chunking`` and ``gamma`` (also when they come from ``-params``, an Optuna trial or a
-  loaded trial), and reports a missing offline dataset with the command that generates it.
+  loaded trial), and reports a missing offline dataset with the command that generates it; searches in a database
+  send heartbeats, so that the trial of a worker that died is marked failed;
+- for ``enjoy`` and ``record-video``, the model loaded as a primitive-step policy
+  (:class:`PrimitiveStepPlayer`) on the env without its chunk wrapper: steps, episode lengths and rewards are
+  primitive ones.
 
 Example::
 
@@ -39,8 +43,8 @@ try:
     import rl_zoo3
     import rl_zoo3.enjoy
     import rl_zoo3.hyperparams_opt
-    import rl_zoo3.utils
     import rl_zoo3.train
+    import rl_zoo3.utils
     from rl_zoo3.exp_manager import ExperimentManager
     from rl_zoo3.utils import get_wrapper_class
 except ImportError as error:

@@ -119,3 +119,18 @@ class FaultyEnv(ScriptedEnv):
         if self.total_steps == self.nan_obs_at:
             obs = {key: np.full_like(value, np.nan) for key, value in obs.items()} if self.dict_obs else np.full_like(obs, np.nan)
         return obs, reward, terminated, truncated, info
+
+
+def episodes_dataset(lengths: list[int], obs_dim: int = 3, action_dim: int = 1) -> dict[str, np.ndarray]:
+    """An offline dataset of zeros in the common form, with episodes of the given lengths (``terminals`` at their ends)."""
+    n = sum(lengths)
+    terminals = np.zeros(n, np.float32)
+    terminals[np.cumsum(lengths) - 1] = 1.0
+    return dict(
+        observations=np.zeros((n, obs_dim), np.float32),
+        next_observations=np.zeros((n, obs_dim), np.float32),
+        actions=np.zeros((n, action_dim), np.float32),
+        rewards=np.zeros(n, np.float32),
+        terminals=terminals,
+        terminated=np.zeros(n, np.float32),
+    )

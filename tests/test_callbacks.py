@@ -5,7 +5,7 @@ import warnings
 import gymnasium as gym
 import numpy as np
 import pytest
-from scripted_envs import ScriptedEnv
+from scripted_envs import ScriptedEnv, episodes_dataset
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList, CheckpointCallback, EvalCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import KVWriter, Logger, configure
@@ -74,17 +74,7 @@ def test_frequencies_with_truncated_chunks_several_envs_and_resumed_learn(tmp_pa
 
 def test_pretrain_frequencies_count_updates(tmp_path):
     model = qc(gym.make("Pendulum-v1"), learning_starts=0)
-    n = 200
-    model.load_dataset(
-        dict(
-            observations=np.zeros((n, 3), np.float32),
-            next_observations=np.zeros((n, 3), np.float32),
-            actions=np.zeros((n, 1), np.float32),
-            rewards=np.zeros(n, np.float32),
-            terminals=(np.arange(n) % 50 == 49).astype(np.float32),
-            terminated=np.zeros(n, np.float32),
-        )
-    )
+    model.load_dataset(episodes_dataset([50] * 4))
     evaluation = EvalCallback(wrap_chunked(gym.make("Pendulum-v1"), 5, 0.9), eval_freq=20, n_eval_episodes=1, log_path=str(tmp_path))
     model.pretrain(60, callback=evaluation, log_interval=10)
     assert len(evaluation.evaluations_timesteps) == 3  # after 20, 40 and 60 updates (not every 20 blocks of 10)
@@ -114,17 +104,7 @@ class RecordSteps(KVWriter):
 
 def test_offline_logs_share_the_offline_update_axis(tmp_path):
     model = qc(gym.make("Pendulum-v1"), learning_starts=0)
-    n = 200
-    model.load_dataset(
-        dict(
-            observations=np.zeros((n, 3), np.float32),
-            next_observations=np.zeros((n, 3), np.float32),
-            actions=np.zeros((n, 1), np.float32),
-            rewards=np.zeros(n, np.float32),
-            terminals=(np.arange(n) % 50 == 49).astype(np.float32),
-            terminated=np.zeros(n, np.float32),
-        )
-    )
+    model.load_dataset(episodes_dataset([50] * 4))
     writer = RecordSteps()
     model.set_logger(Logger(None, [writer]))
     evaluation = EvalCallback(wrap_chunked(gym.make("Pendulum-v1"), 5, 0.9), eval_freq=20, n_eval_episodes=1)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch as th
 from gymnasium import spaces
-from scripted_envs import FaultyEnv, ScriptedEnv
+from scripted_envs import FaultyEnv, ScriptedEnv, episodes_dataset
 from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
@@ -175,20 +175,6 @@ def test_wrapper_requires_a_reset_after_a_failed_step():
 # ------------------------------------------------------------------------------------------------
 # 3. Windows that can never train the critic
 # ------------------------------------------------------------------------------------------------
-def episodes_dataset(lengths, obs_dim=3, action_dim=1):
-    n = sum(lengths)
-    terminals = np.zeros(n, np.float32)
-    terminals[np.cumsum(lengths) - 1] = 1.0
-    return dict(
-        observations=np.zeros((n, obs_dim), np.float32),
-        next_observations=np.zeros((n, obs_dim), np.float32),
-        actions=np.zeros((n, action_dim), np.float32),
-        rewards=np.zeros(n, np.float32),
-        terminals=terminals,
-        terminated=np.zeros(n, np.float32),
-    )
-
-
 def test_offline_episodes_shorter_than_the_chunk_are_refused_or_warned():
     model = qc(gym.make("Pendulum-v1"), chunk_size=5)
     with pytest.raises(ValueError, match="No window of chunk_size=5 .*every episode is shorter"):

@@ -6,6 +6,7 @@ import sys
 import gymnasium as gym
 import numpy as np
 import pytest
+from scripted_envs import episodes_dataset
 from stable_baselines3.common.callbacks import EvalCallback
 
 from sb3_qchunk import QC
@@ -19,17 +20,7 @@ def test_curves_of_the_offline_and_online_runs(tmp_path):
     logs = tmp_path / "tb"
     model = QC("MlpPolicy", "Pendulum-v1", chunk_size=5, num_samples=2, flow_steps=2, batch_size=8, learning_starts=0,
                policy_kwargs=dict(net_arch=[8]), tensorboard_log=str(logs), seed=0)  # fmt: skip
-    n = 200
-    model.load_dataset(
-        dict(
-            observations=np.zeros((n, 3), np.float32),
-            next_observations=np.zeros((n, 3), np.float32),
-            actions=np.zeros((n, 1), np.float32),
-            rewards=np.zeros(n, np.float32),
-            terminals=(np.arange(n) % 50 == 49).astype(np.float32),
-            terminated=np.zeros(n, np.float32),
-        )
-    )
+    model.load_dataset(episodes_dataset([50] * 4))
     eval_env = wrap_chunked(gym.make("Pendulum-v1"), 5, model.gamma)
     model.pretrain(20, callback=EvalCallback(eval_env, eval_freq=10, n_eval_episodes=1), log_interval=10)
     model.pretrain(10, callback=EvalCallback(eval_env, eval_freq=10, n_eval_episodes=1), log_interval=10)  # same run

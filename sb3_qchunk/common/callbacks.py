@@ -56,7 +56,6 @@ class EveryClockTicks(BaseCallback):
     def __init__(self, callback: BaseCallback, frequency_attribute: str, clock: Callable[[BaseAlgorithm], int]) -> None:
         super().__init__(verbose=callback.verbose)
         self.callback, self.frequency_attribute, self.clock = callback, frequency_attribute, clock
-        self.callback.parent = self.parent
         self._passed = 0
 
     def init_callback(self, model: BaseAlgorithm) -> None:
