@@ -28,7 +28,7 @@ from sb3_qchunk import QC
 from sb3_qchunk.common.evaluation import evaluate_success
 from sb3_qchunk.common.execution import ChunkExecutor
 from sb3_qchunk.datasets import cached_play_dataset, load_ogbench_npz
-from throughput import report_header  # benchmarks/ is the script's directory
+from throughput import report_header, write_report  # benchmarks/ is the script's directory
 
 ENV_ID = "cube-single-singletask-task1-v0"
 #: name -> ChunkExecutor settings
@@ -126,10 +126,7 @@ def main() -> None:
         f"Resolution: {args.episodes} episodes, so a success rate moves in steps of {1 / args.episodes:.2f}; one model and seed.",
         "",
     ]
-    report = "\n".join(lines)
-    print(report)
-    if args.out is not None:
-        args.out.write_text(report)
+    write_report(lines, args.out)
 
 
 if __name__ == "__main__":

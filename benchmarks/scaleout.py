@@ -148,7 +148,7 @@ def main() -> None:
         args.trials, args.n_timesteps = 2, 50
     import optuna
 
-    from throughput import report_header  # benchmarks/ is the script's directory
+    from throughput import report_header, write_report  # benchmarks/ is the script's directory
 
     bin_dir = postgres_bin_dir()
     if bin_dir is None:
@@ -178,10 +178,7 @@ def main() -> None:
         f"2 workers / 1 worker: {rows[1][5] / rows[0][5]:.2f}x the trials per minute.",
         "",
     ]
-    report = "\n".join(lines)
-    print(report)
-    if args.out is not None:
-        args.out.write_text(report)
+    write_report(lines, args.out)
 
 
 if __name__ == "__main__":
