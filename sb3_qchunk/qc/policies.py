@@ -265,8 +265,9 @@ class QCPolicy(BasePolicy):
 
     ``predict`` returns a whole chunk: for "best_of_n", ``num_samples`` chunks are drawn from the flow and the
     one with the highest aggregated critic value is kept; for "distill", the one-step actor maps one noise
-    sample to a chunk. Both are stochastic (the paper acts this way at evaluation too), so ``deterministic``
-    has no effect; seed torch for reproducible predictions.
+    sample to a chunk. Both draw fresh noise from torch's global RNG (the paper acts this way at evaluation too);
+    ``deterministic=True`` uses a fixed noise draw instead (:meth:`fixed_noise`), so an observation always gets
+    the same chunk.
 
     :param observation_space: observation space
     :param action_space: the chunk action space (Box)
@@ -278,6 +279,9 @@ class QCPolicy(BasePolicy):
     :param flow_steps: Euler steps of the flow
     :param q_aggregation: "mean" or "min" over the critic ensemble
     :param n_critics: number of critics K
+    :param long_critic_action_space: the action space of a long-chunk critic (decoupled chunk lengths: chunks of
+        the algorithm's ``critic_chunk_size`` actions, flattened), built beside the critic and stepped by the critic's
+        optimizer; None (default): no long critic
     :param sampling_precision: precision of the no-gradient sampling path (flow integration of the N
         candidate chunks, their critic scores, the distillation target): "bfloat16" (autocast; master weights,
         losses and gradients stay float32), "float32", or "auto" = bfloat16 where bf16 matmuls are faster than
@@ -306,6 +310,7 @@ class QCPolicy(BasePolicy):
     actor: FlowActor
     critic: EnsembleCritic
     critic_target: EnsembleCritic
+    long_critic: EnsembleCritic | None
 
     def __init__(
         self,
@@ -319,6 +324,7 @@ class QCPolicy(BasePolicy):
         flow_steps: int = 10,
         q_aggregation: str = "mean",
         n_critics: int = 2,
+        long_critic_action_space: spaces.Box | None = None,
         sampling_precision: str = "auto",
         training_precision: str = "float32",
         compile_sampling: bool = False,
@@ -369,6 +375,7 @@ class QCPolicy(BasePolicy):
         self.flow_steps = flow_steps
         self.q_aggregation = q_aggregation
         self.n_critics = n_critics
+        self.long_critic_action_space = long_critic_action_space
         self.sampling_precision = sampling_precision
         self.training_precision = training_precision
         self.compile_sampling = compile_sampling
@@ -386,14 +393,20 @@ class QCPolicy(BasePolicy):
             self.actor.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs  # type: ignore[call-arg]
         )
         self.critic = self.make_critic()
-        self.critic.optimizer = self.optimizer_class(
-            self.critic.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs  # type: ignore[call-arg]
-        )
         self.critic_target = self.make_critic()
         self.critic_target.load_state_dict(self.critic.state_dict())
         # The target network is only updated by Polyak averaging.
         self.critic_target.set_training_mode(False)
         self.critic_target.requires_grad_(False)
+        # Decoupled chunk lengths: the long-chunk critic (no target network of its own) is stepped with the critic.
+        self.long_critic: EnsembleCritic | None = None
+        critic_parameters = list(self.critic.parameters())
+        if self.long_critic_action_space is not None:
+            self.long_critic = self.make_critic(self.long_critic_action_space)
+            critic_parameters += list(self.long_critic.parameters())
+        self.critic.optimizer = self.optimizer_class(
+            critic_parameters, lr=lr_schedule(1), **self.optimizer_kwargs  # type: ignore[call-arg]
+        )
 
     def _new_extractor(self) -> BaseFeaturesExtractor:
         return self.features_extractor_class(self.observation_space, **self.features_extractor_kwargs)
@@ -413,11 +426,14 @@ class QCPolicy(BasePolicy):
             normalize_images=self.normalize_images,
         ).to(self.device)
 
-    def make_critic(self) -> EnsembleCritic:
+    def make_critic(self, action_space: spaces.Box | None = None) -> EnsembleCritic:
+        """
+        :param action_space: the chunks the critic scores (None: the policy's own chunks)
+        """
         extractor = self._new_extractor()
         return EnsembleCritic(
             self.observation_space,
-            self.action_space,  # type: ignore[arg-type]
+            action_space if action_space is not None else self.action_space,  # type: ignore[arg-type]
             self.critic_arch,
             extractor,
             extractor.features_dim,
@@ -438,6 +454,7 @@ class QCPolicy(BasePolicy):
                 flow_steps=self.flow_steps,
                 q_aggregation=self.q_aggregation,
                 n_critics=self.n_critics,
+                long_critic_action_space=self.long_critic_action_space,
                 sampling_precision=self.sampling_precision,
                 training_precision=self.training_precision,
                 compile_sampling=self.compile_sampling,
@@ -550,6 +567,8 @@ class QCPolicy(BasePolicy):
     def set_training_mode(self, mode: bool) -> None:
         self.actor.set_training_mode(mode)
         self.critic.set_training_mode(mode)
+        if self.long_critic is not None:
+            self.long_critic.set_training_mode(mode)
         self.training = mode
 
 
@@ -571,6 +590,7 @@ class MultiInputPolicy(QCPolicy):
         flow_steps: int = 10,
         q_aggregation: str = "mean",
         n_critics: int = 2,
+        long_critic_action_space: spaces.Box | None = None,
         sampling_precision: str = "auto",
         training_precision: str = "float32",
         compile_sampling: bool = False,
@@ -594,6 +614,7 @@ class MultiInputPolicy(QCPolicy):
             flow_steps,
             q_aggregation,
             n_critics,
+            long_critic_action_space,
             sampling_precision,
             training_precision,
             compile_sampling,

@@ -57,6 +57,18 @@ def _is_integer(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
+def expectile_loss(diff: th.Tensor, expectile: float) -> th.Tensor:
+    """
+    The asymmetric square |expectile - 1(diff < 0)| * diff^2, elementwise: minimised by the ``expectile``-expectile of
+    the targets (0.5: their mean; towards 1: their maximum).
+
+    :param diff: target - prediction
+    :param expectile: kappa in (0, 1)
+    """
+    weight = th.where(diff < 0, 1.0 - expectile, expectile)
+    return weight * diff**2
+
+
 def chunked_critic_target(
     rewards: th.Tensor, masks: th.Tensor, next_q: th.Tensor, gamma: float, chunk_size: int
 ) -> th.Tensor:
@@ -102,6 +114,20 @@ class QC(OffPolicyAlgorithm):
     With ``action_chunking=False`` the agent acts one action at a time and the critic and actor see only the
     first action of each window, with the (biased) n-step target built from the same window of h steps.
 
+    Decoupled chunk lengths (``critic_chunk_size`` H > ``chunk_size`` h; Decoupled Q-chunking, Q. Li, S. Park,
+    S. Levine, arXiv 2512.10926): the policy emits and the env runs chunks of h actions, while a long-chunk critic
+    Q_H scores windows of H actions with the H-step backup over them. The policy cannot choose H actions, so it is
+    ranked (best-of-N) or trained (distill) by a partial-chunk critic Q_h(s, a_{0:h}) distilled from Q_H: an
+    expectile regression (``partial_critic_expectile`` kappa) of Q_h(s_t, a_{t:t+h}) onto Q_H(s_t, a_{t:t+H}) over
+    the data's completions a_{t+h:t+H}, so that kappa > 0.5 leans towards the best completion seen. Per window:
+
+        L_H = (Q_H(s_t, a_{t:t+H}) - [R^H_t + gamma^H * mask * Qbar_h(s'_{t+H-1}, a')])^2,  a' = pi(s'_{t+H-1})
+        L_h = |kappa - 1(u < 0)| u^2,  u = agg Q_H(s_t, a_{t:t+H}) (no gradient) - Q_h(s_t, a_{t:t+h})
+
+    with ``Qbar_h`` the Polyak target of Q_h (Q_H has none) and a' the policy's h-chunk (best of N under Q_h).
+    Windows are H steps long (the replay buffer's ``chunk_size``); the flow BC loss sees their first h actions.
+    H = h (the default) is QC, the same computation and the same numbers.
+
     Counting: ``total_timesteps``, ``learning_starts``, ``train_freq`` and ``num_timesteps`` are in primitive
     env steps (the paper's x-axis). With ``gradient_steps=-1`` the agent does one gradient step per
     primitive step collected (the paper's update-to-data ratio of 1).
@@ -117,6 +143,11 @@ class QC(OffPolicyAlgorithm):
     :param n_critics: size K of the critic ensemble
     :param q_aggregation: "mean" (paper default) or "min" over the critic ensemble
     :param action_chunking: False for the n-step ablations (BFN-n / FQL-n)
+    :param critic_chunk_size: H, the chunk length of the long-chunk critic and of the backup (decoupled chunk
+        lengths, see above); None (default) or ``chunk_size``: QC's single critic over the policy's chunks
+    :param partial_critic_expectile: kappa of the distillation of the partial-chunk critic from the long-chunk one
+        (``critic_chunk_size > chunk_size`` only): 0.5 regresses onto the mean over the data's completions, larger
+        values lean towards the best; DQC used 0.8 on cube tasks, 0.5 on puzzles
     :param compile_update: ``torch.compile`` each gradient update (:mod:`sb3_qchunk.qc.compiled_update`). ``"auto"``
         (default): compile from the first :meth:`pretrain` or :meth:`learn` call that plans at least
         ``AUTO_COMPILE_UPDATES`` gradient steps, where the 20-40 s of compilation at the first compiled update pay
@@ -173,9 +204,10 @@ class QC(OffPolicyAlgorithm):
     critic: EnsembleCritic
     critic_target: EnsembleCritic
     replay_buffer: ChunkReplayBuffer  # type: ignore[assignment]
-    # The statistics :meth:`_losses` returns, in order (logged as ``train/<name>``).
+    long_critic: EnsembleCritic | None
     #: with ``compile_update="auto"``, the planned gradient steps of one run from which the update is compiled
     AUTO_COMPILE_UPDATES: ClassVar[int] = 10_000
+    #: the statistics :meth:`_losses` returns, in order (logged as ``train/<name>``; see :attr:`stat_names`)
     STATS: ClassVar[tuple[str, ...]] = ("critic_loss", "actor_loss", "bc_flow_loss", "distill_loss", "q_mean", "q_max", "q_min")
 
     def __init__(
@@ -190,6 +222,8 @@ class QC(OffPolicyAlgorithm):
         n_critics: int = 2,
         q_aggregation: str = "mean",
         action_chunking: bool = True,
+        critic_chunk_size: int | None = None,
+        partial_critic_expectile: float = 0.8,
         compile_update: bool | str = "auto",
         learning_rate: float | Schedule = 3e-4,
         buffer_size: int = 1_000_000,
@@ -251,6 +285,20 @@ class QC(OffPolicyAlgorithm):
             raise ValueError(f"QC counts train_freq in primitive steps only, got {train_freq}")
         self.chunk_size = check_chunk_size(chunk_size)
         self.action_chunking = action_chunking
+        self.critic_chunk_size = self.chunk_size if critic_chunk_size is None else check_chunk_size(critic_chunk_size)
+        if self.critic_chunk_size < self.chunk_size:
+            raise ValueError(
+                f"critic_chunk_size={critic_chunk_size} is shorter than chunk_size={chunk_size}: the critic's chunk must "
+                "hold the policy's (equal lengths for QC, longer for decoupled chunk lengths)"
+            )
+        if self.decoupled and not action_chunking:
+            raise ValueError(
+                "critic_chunk_size > chunk_size needs action_chunking=True: the n-step ablations have no policy chunk "
+                "for a partial-chunk critic to score"
+            )
+        if not _is_real(partial_critic_expectile) or not 0.0 < partial_critic_expectile < 1.0:
+            raise ValueError(f"partial_critic_expectile must be a number in (0, 1), got {partial_critic_expectile!r}")
+        self.partial_critic_expectile = float(partial_critic_expectile)
         if not isinstance(compile_update, bool) and compile_update not in ("auto", *COMPILE_MODES):
             raise ValueError(f"compile_update must be 'auto', True, False or one of {COMPILE_MODES}, got {compile_update!r}")
         self.compile_update = compile_update
@@ -302,6 +350,16 @@ class QC(OffPolicyAlgorithm):
                 self.load_dataset(offline_dataset, **self.offline_dataset_kwargs)
 
     @property
+    def decoupled(self) -> bool:
+        """Whether the critic's chunk is longer than the policy's (``critic_chunk_size > chunk_size``)."""
+        return self.critic_chunk_size > self.chunk_size
+
+    @property
+    def stat_names(self) -> tuple[str, ...]:
+        """The statistics of an update (logged as ``train/<name>``): :attr:`STATS`, and ``partial_critic_loss`` when decoupled."""
+        return (*self.STATS, "partial_critic_loss") if self.decoupled else self.STATS
+
+    @property
     def env_chunk_size(self) -> int:
         """Actions per env step: ``chunk_size``, or 1 for the n-step ablations (``action_chunking=False``)."""
         return self.chunk_size if self.action_chunking else 1
@@ -321,11 +379,15 @@ class QC(OffPolicyAlgorithm):
                 self.primitive_action_space,
                 device=self.device,
                 n_envs=self.n_envs,
-                chunk_size=self.chunk_size,
+                chunk_size=self.critic_chunk_size,
                 gamma=self.gamma,
                 offline_fraction=self.offline_fraction,
                 **self.replay_buffer_kwargs,
             )
+        long_critic_space = None
+        if self.decoupled:  # the long critic scores windows of critic_chunk_size primitive actions, in [-1, 1]
+            action_dim = int(np.prod(self.primitive_action_space.shape))
+            long_critic_space = spaces.Box(-1.0, 1.0, (self.critic_chunk_size * action_dim,), dtype=np.float32)
         self.policy = self.policy_class(
             self.observation_space,
             self.action_space,
@@ -335,6 +397,7 @@ class QC(OffPolicyAlgorithm):
             flow_steps=self.flow_steps,
             q_aggregation=self.q_aggregation,
             n_critics=self.n_critics,
+            long_critic_action_space=long_critic_space,
             **self.policy_kwargs,
         ).to(self.device)
         self._convert_train_freq()
@@ -344,8 +407,13 @@ class QC(OffPolicyAlgorithm):
         self.actor = self.policy.actor
         self.critic = self.policy.critic
         self.critic_target = self.policy.critic_target
+        self.long_critic = self.policy.long_critic
         self._online_params = list(self.critic.parameters())
         self._target_params = list(self.critic_target.parameters())
+
+    def _window_name(self) -> str:
+        """The setting that sets the window length, for messages."""
+        return "critic_chunk_size" if self.decoupled else "chunk_size"
 
     def scale_primitive_action(self, actions: np.ndarray) -> np.ndarray:
         """Rescale primitive actions from the env's bounds to [-1, 1] (what the buffer stores)."""
@@ -377,16 +445,17 @@ class QC(OffPolicyAlgorithm):
         data = load_dataset(dataset, self.observation_space, self.primitive_action_space, **load_kwargs)
         scaled = dict(data)
         scaled["actions"] = self.scale_primitive_action(data["actions"])
-        usable, total = usable_windows(np.asarray(data["terminals"]), self.chunk_size)
+        window = self.critic_chunk_size
+        usable, total = usable_windows(np.asarray(data["terminals"]), window)
         if usable == 0:
             raise ValueError(
-                f"No window of chunk_size={self.chunk_size} steps in this dataset ({len(data['rewards'])} transitions, "
+                f"No window of {self._window_name()}={window} steps in this dataset ({len(data['rewards'])} transitions, "
                 f"{total} windows) stays inside one episode: every episode is shorter than the chunk, so the critic "
-                "could never be trained on it. Use a smaller chunk_size."
+                "could never be trained on it. Use a smaller {self._window_name()}."
             )
         if usable < 0.5 * total:
             warnings.warn(
-                f"Only {usable} of the {total} windows of chunk_size={self.chunk_size} steps ({usable / total:.0%}) in "
+                f"Only {usable} of the {total} windows of {self._window_name()}={window} steps ({usable / total:.0%}) in "
                 "this dataset stay inside one episode; the others have no bootstrap target and do not train the critic.",
                 stacklevel=2,
             )
@@ -470,13 +539,13 @@ class QC(OffPolicyAlgorithm):
             self._restore_training_state(before)
             step, column = np.argwhere(~np.isfinite(values))[0]
             raise FloatingPointError(
-                f"train/{self.STATS[column]} became {values[step, column]} at gradient step {self._n_updates + step + 1} "
+                f"train/{self.stat_names[column]} became {values[step, column]} at gradient step {self._n_updates + step + 1} "
                 f"(update {step + 1} of this train() call). The networks and optimizers were restored to their state "
                 f"before the call ({self._n_updates} updates). Check the data (rewards, observations) and the learning rate."
             )
         self._n_updates += gradient_steps
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
-        for key, value in zip(self.STATS, values.mean(axis=0)):
+        for key, value in zip(self.stat_names, values.mean(axis=0)):
             self.logger.record(f"train/{key}", float(value))
 
     def _training_state(self) -> tuple[list[th.Tensor], list[dict[th.Tensor, dict[str, Any]]]]:
@@ -511,7 +580,10 @@ class QC(OffPolicyAlgorithm):
                             current[key] = value
 
     def _chunks(self, replay_data: ChunkReplayBufferSamples) -> th.Tensor:
-        """The actions the critic and actor see: the whole chunk, or the first action for n-step ablations."""
+        """
+        The actions the critic sees: the whole window (flattened), or its first action for the n-step ablations.
+        The actor and a partial-chunk critic see its first ``chunk_size`` actions.
+        """
         if self.action_chunking:
             return replay_data.actions.flatten(1)
         return replay_data.actions[:, 0]
@@ -553,19 +625,29 @@ class QC(OffPolicyAlgorithm):
 
         :param sampling_bf16: run the no-gradient sampling in bf16 autocast (``policy.sampling_bf16``; decided
             outside, where the device can be probed)
-        :return: (critic_loss + actor_loss, the stacked statistics of :attr:`STATS`)
+        :return: (the sum of the losses, the stacked statistics of :attr:`stat_names`)
         """
         policy = self.policy
         batch_size = chunks.shape[0]
-        # Critic: h-step backup. Best-of-N picks a' with the online critic, the target critic values it.
+        # Critic: backup over the window (h steps; H with decoupled lengths). Best-of-N picks a' with the online
+        # (partial-chunk) critic, its target network values it.
         with th.no_grad():
             with policy.bf16_autocast(sampling_bf16):
                 next_chunks = policy.sample_chunks_from_noise(next_observations, target_noise).float()
             next_q = aggregate_q(self.critic_target(next_observations, next_chunks), self.q_aggregation)
-            target_q = chunked_critic_target(rewards, masks, next_q, self.gamma, self.chunk_size)
-        q_values = self.critic(observations, chunks)  # (K, B)
+            target_q = chunked_critic_target(rewards, masks, next_q, self.gamma, self.critic_chunk_size)
+        td_critic = self.long_critic if self.long_critic is not None else self.critic
+        q_values = td_critic(observations, chunks)  # (K, B)
         # Windows whose episode ended before their last step have no valid bootstrap: they do not train the critic.
         critic_loss = ((q_values - target_q) ** 2 * valid[:, -1]).mean()
+        partial_critic_loss = None
+        if self.long_critic is not None:
+            # The policy's part of each window; the partial-chunk critic is distilled from the long one on it.
+            chunks = chunks[:, : self.policy.chunk_dim]
+            valid_window, valid = valid[:, -1], valid[:, : self.chunk_size]
+            distill_target = aggregate_q(q_values.detach(), self.q_aggregation)
+            partial_q = self.critic(observations, chunks)
+            partial_critic_loss = (expectile_loss(distill_target - partial_q, self.partial_critic_expectile) * valid_window).mean()
 
         # Actor: flow-matching BC on the data's chunks, masked after an episode's end.
         actor_features = self.actor.extract_features(observations, self.actor.features_extractor)
@@ -587,22 +669,22 @@ class QC(OffPolicyAlgorithm):
             q_actor = th.func.functional_call(self.critic, frozen_critic, (observations, onestep_chunks.clamp(-1.0, 1.0)))
             actor_loss = bc_flow_loss + self.alpha * distill_loss - q_actor.mean()
         q_detached = q_values.detach()
-        stats = th.stack(
-            [
-                critic_loss.detach(),
-                actor_loss.detach(),
-                bc_flow_loss.detach(),
-                distill_loss.detach(),
-                q_detached.mean(),
-                q_detached.max(),
-                q_detached.min(),
-            ]
-        )
-        return critic_loss + actor_loss, stats
+        stats = [
+            critic_loss.detach(),
+            actor_loss.detach(),
+            bc_flow_loss.detach(),
+            distill_loss.detach(),
+            q_detached.mean(),
+            q_detached.max(),
+            q_detached.min(),
+        ]
+        if partial_critic_loss is None:
+            return critic_loss + actor_loss, th.stack(stats)
+        return critic_loss + partial_critic_loss + actor_loss, th.stack([*stats, partial_critic_loss.detach()])
 
     def _train_step(self, replay_data: ChunkReplayBufferSamples) -> dict[str, th.Tensor]:
         """One gradient step of the critic and the actor on ``replay_data``; its statistics by name."""
-        return dict(zip(self.STATS, self._update(replay_data)))
+        return dict(zip(self.stat_names, self._update(replay_data)))
 
     def _update(self, replay_data: ChunkReplayBufferSamples) -> th.Tensor:
         """One gradient step of the critic and the actor, then the Polyak update of the target critic."""
@@ -775,9 +857,10 @@ class QC(OffPolicyAlgorithm):
         usable, total = self.replay_buffer.usable_windows(online=True)
         if usable < 0.5 * total:
             warnings.warn(
-                f"Only {usable} of the {total} online windows of {self.chunk_size} steps ({usable / total:.0%}) "
+                f"Only {usable} of the {total} online windows of {self.critic_chunk_size} steps ({usable / total:.0%}) "
                 "stay inside one episode: the others have no bootstrap target and do not train the critic. "
-                f"The episodes are shorter than chunk_size={self.chunk_size}; use a smaller chunk_size.",
+                f"The episodes are shorter than {self._window_name()}={self.critic_chunk_size}; use a smaller "
+                f"{self._window_name()}.",
                 stacklevel=3,
             )
 
@@ -919,7 +1002,7 @@ class QC(OffPolicyAlgorithm):
         if not isinstance(buffer, ChunkReplayBuffer):
             raise TypeError(f"Expected a ChunkReplayBuffer, got {type(buffer).__name__}")
         checks = (
-            ("chunk_size (window length)", buffer.chunk_size, self.chunk_size),
+            ("chunk_size (window length)", buffer.chunk_size, self.critic_chunk_size),
             ("observation space", buffer.observation_space, self.observation_space),
             ("primitive action space", buffer.action_space, self.primitive_action_space),
             ("n_envs", buffer.n_envs, self.n_envs),
@@ -970,6 +1053,7 @@ class QC(OffPolicyAlgorithm):
             "actor",
             "critic",
             "critic_target",
+            "long_critic",
             "offline_dataset",
             "_online_params",
             "_target_params",
