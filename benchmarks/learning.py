@@ -23,6 +23,7 @@ For each env a dataset is generated once (``data/{env}-play-{size}-seed0.npz``) 
 
     python benchmarks/learning.py                                  # 2 envs x 6 methods x 3 seeds
     python benchmarks/learning.py --envs cube-single --methods QC FQL RLPD --seeds 0 1
+    python benchmarks/learning.py --envs cube-double --methods QC DQC BFN --compile --out benchmarks/results/decoupled
     python benchmarks/learning.py --resume                         # skip runs already in curves.csv
     python benchmarks/learning.py --report-only                    # rebuild the PNGs and summary.md
     python benchmarks/learning.py --smoke --out /tmp/learning      # tiny, about 20 s (used by the tests)

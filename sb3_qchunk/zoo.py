@@ -56,7 +56,7 @@ from sb3_qchunk.qc import QC
 _create_test_env = rl_zoo3.utils.create_test_env  # RL Zoo's, before main() puts primitive_test_env in its place
 
 #: OGBench manipulation envs given a ``-play-`` alias (tasks 1 to 5 each)
-OGBENCH_ENVS = ("cube-single", "cube-double", "scene", "puzzle-3x3")
+OGBENCH_ENVS = ("cube-single", "cube-double", "cube-triple", "cube-quadruple", "scene", "puzzle-3x3")
 OGBENCH_TASKS = (1, 2, 3, 4, 5)
 #: names under which the chunk wrapper may appear in a hyperparameter file
 CHUNK_WRAPPER_NAMES = ("sb3_qchunk.ChunkedActionWrapper", "sb3_qchunk.wrappers.ChunkedActionWrapper")

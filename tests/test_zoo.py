@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import yaml
 
+from sb3_qchunk import QC
+
 ROOT = Path(__file__).resolve().parents[1]
 CPU_CONF = str(ROOT / "zoo_hyperparams" / "qc_cpu.yml")
 # Tiny online run: a few gradient steps on small batches, single-threaded
@@ -89,6 +91,21 @@ def test_chunk_size_override_resizes_wrapper(tmp_path: Path) -> None:
     config = dict(yaml.unsafe_load((logs / "qc" / "Pendulum-v1_1" / "Pendulum-v1" / "config.yml").read_text()))
     assert config["chunk_size"] == 2
     assert config["env_wrapper"] == [{"sb3_qchunk.ChunkedActionWrapper": {"chunk_size": 2, "gamma": 0.99}}]
+
+
+def test_decoupled_chunk_lengths_through_the_zoo(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    run_zoo(
+        "train", "--algo", "qc", "--env", "Pendulum-v1", "-conf", CPU_CONF, "-n", "60", "--eval-freq", "-1",
+        "-f", str(logs), "-params", "chunk_size:2", "critic_chunk_size:6", "partial_critic_expectile:0.7",
+        "learning_starts:20", "batch_size:16", "--num-threads", "1",
+    )  # fmt: skip
+    exp = logs / "qc" / "Pendulum-v1_1"
+    config = dict(yaml.unsafe_load((exp / "Pendulum-v1" / "config.yml").read_text()))
+    assert config["env_wrapper"] == [{"sb3_qchunk.ChunkedActionWrapper": {"chunk_size": 2, "gamma": 0.99}}]
+    model = QC.load(exp / "Pendulum-v1.zip")
+    assert (model.chunk_size, model.critic_chunk_size, model.partial_critic_expectile) == (2, 6, 0.7)
+    assert model.long_critic is not None and model._n_updates == 40
 
 
 def test_missing_dataset_says_how_to_generate(tmp_path: Path) -> None:
