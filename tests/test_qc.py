@@ -192,6 +192,21 @@ def test_bad_inputs_raise_clear_errors():
         QC("MlpPolicy", "Pendulum-v1", q_aggregation="max")
 
 
+def test_training_mode_and_device_follow_the_networks():
+    model = small_qc(chunk_size=2)
+    policy = model.policy
+    modules = [policy.actor, policy.critic, policy.actor.flow, policy.critic.body]
+    policy.set_training_mode(False)
+    policy.set_training_mode(False)  # already there: nothing to do
+    assert not policy.training and not any(module.training for module in modules)
+    policy.set_training_mode(True)
+    assert policy.training and all(module.training for module in modules)
+    assert not policy.critic_target.training  # the target network stays in evaluation mode
+    assert policy.device == next(policy.parameters()).device == th.device("cpu")
+    policy.to(th.float64)  # .to() converts the parameters in place: the device is still read from a live one
+    assert policy.device == th.device("cpu") and policy.actor.flow.obs_in.weight.dtype == th.float64
+
+
 def test_vec_env():
     vec_env = make_vec_env("Pendulum-v1", n_envs=2, wrapper_class=ChunkedActionWrapper, wrapper_kwargs=dict(chunk_size=2))
     model = small_qc(vec_env, chunk_size=2)

@@ -564,7 +564,25 @@ class QCPolicy(BasePolicy):
     def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> th.Tensor:
         return self.sample_chunks(observation, deterministic=deterministic)
 
+    @property
+    def device(self) -> th.device:
+        """
+        The policy's device, read from one parameter of the actor (SB3's ``BaseModel.device`` walks every parameter of
+        every submodule, a cost the act path paid several times per ``predict``). ``.to()`` moves that parameter too.
+        """
+        try:
+            return self.actor.flow.obs_in.weight.device
+        except AttributeError:  # while the networks are being built
+            return super().device
+
     def set_training_mode(self, mode: bool) -> None:
+        """
+        Put the networks in training or evaluation mode (``Module.train``); nothing to do when the policy and its actor
+        and critics are in that mode already (as at every ``predict`` call while acting).
+        """
+        modules = [self, self.actor, self.critic] + ([self.long_critic] if self.long_critic is not None else [])
+        if all(module.training == mode for module in modules):
+            return
         self.actor.set_training_mode(mode)
         self.critic.set_training_mode(mode)
         if self.long_critic is not None:
