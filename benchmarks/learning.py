@@ -230,9 +230,10 @@ def run_all(args: argparse.Namespace, out: Path) -> None:
     (out / "config.json").write_text(json.dumps({**info, "config": config}, indent=2))
 
     paths = {env: dataset_path(args, env) for env in args.envs}
+    # Seed by seed, so that a run stopped early has compared every method on the same seeds.
     jobs = [
         (args, env, method, seed, paths[env])
-        for env, method, seed in itertools.product(args.envs, args.methods, args.seeds)
+        for env, seed, method in itertools.product(args.envs, args.seeds, args.methods)
         if (env, method, seed) not in done
     ]
     print(f"{len(jobs)} runs to do ({len(done)} already in {curves}), {args.workers} workers", flush=True)
