@@ -451,7 +451,7 @@ class QC(OffPolicyAlgorithm):
             raise ValueError(
                 f"No window of {self._window_name()}={window} steps in this dataset ({len(data['rewards'])} transitions, "
                 f"{total} windows) stays inside one episode: every episode is shorter than the chunk, so the critic "
-                "could never be trained on it. Use a smaller {self._window_name()}."
+                f"could never be trained on it. Use a smaller {self._window_name()}."
             )
         if usable < 0.5 * total:
             warnings.warn(
