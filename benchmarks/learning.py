@@ -71,7 +71,7 @@ FIELDS = ["env", "method", "seed", "phase", "offline_updates_done", "online_env_
 SMOKE = dict(
     net_arch=[16, 16], num_samples=2, flow_steps=2, batch_size=32, dataset_size=2_000, offline_updates=20,
     online_steps=50, eval_every_offline=10, eval_every_online=25, eval_episodes=2, envs=["cube-single"],
-    methods=["QC", "RLPD"], seeds=[0], workers=1, out="runs/learning-smoke",
+    methods=["QC", "RLPD", "DQC"], seeds=[0], workers=1, out="runs/learning-smoke",
 )  # fmt: skip
 # The paper's scale (DESIGN.md): for a GPU, one run per process, e.g. --paper --device cuda --workers 1.
 PAPER = dict(

@@ -75,7 +75,7 @@ def test_learning_smoke(tmp_path):
     )
     with open(tmp_path / "curves.csv", newline="") as file:
         rows = list(csv.DictReader(file))
-    for method in ("QC", "RLPD"):
+    for method in ("QC", "RLPD", "DQC"):
         assert {row["phase"] for row in rows if row["method"] == method} == {"offline", "online"}
     assert all(0.0 <= float(row["success_rate"]) <= 1.0 for row in rows)
     assert (tmp_path / "summary.md").exists() and (tmp_path / "cube-single.png").exists()
