@@ -583,10 +583,8 @@ class QCPolicy(BasePolicy):
         modules = [self, self.actor, self.critic] + ([self.long_critic] if self.long_critic is not None else [])
         if all(module.training == mode for module in modules):
             return
-        self.actor.set_training_mode(mode)
-        self.critic.set_training_mode(mode)
-        if self.long_critic is not None:
-            self.long_critic.set_training_mode(mode)
+        for module in modules[1:]:
+            module.set_training_mode(mode)
         self.training = mode
 
 
