@@ -7,8 +7,9 @@ Throughput of sb3-qchunk on this machine, in one run:
    N=32; both batch 256, h=5, obs 28, action 5 (OGBench cube-single's sizes), flow_steps 10, 2 critics.
    With ``--reference FILE`` (a JSON of the authors' JAX code's rates measured on this machine, e.g.
    ``benchmarks/results/reference_amd_epyc.json``), each row also gets its ratio to the reference's rate for the
-   same config and actor, and issue 8's goals are checked against it (1.5x the reference for small best-of-N,
-   2x for paper best-of-N).
+   same config and actor, and the goals are checked against it (1.5x the reference for small, 2x for paper).
+   With ``--reference-src DIR --reference-python PY`` the authors' code itself is measured in the same run, its
+   blocks interleaved with ours (``benchmarks/reference.py`` says how to set it up), and its action latency too.
 2. The FLOPs of one update (``torch.utils.flop_counter``) against the measured matmul throughput of torch on
    this device (fp32, and bf16 for the sampling path when it runs in bf16): the fraction of that bound reached.
 3. Chunk-wrapper overhead: primitive steps per second of a raw env against the same env inside
@@ -25,6 +26,7 @@ slower moment of the machine does not favour one of them.
     python benchmarks/throughput.py --sections updates --configs small        # a part
     python benchmarks/throughput.py --device cuda --sections updates          # on a GPU
     python benchmarks/throughput.py --reference benchmarks/results/reference_amd_epyc.json    # with QC / reference
+    python benchmarks/throughput.py --sections updates --reference-src ../qc --reference-python ../qc-venv/bin/python  # paired
     python benchmarks/throughput.py --smoke --out /tmp/throughput.md          # tiny, for the tests
 """
 
@@ -36,6 +38,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -66,7 +69,7 @@ SMOKE_CONFIG = {"smoke": dict(net_arch=[16, 16], num_samples=2, n_updates=3, sac
 # The authors' JAX code, measured on this machine type (issue 8), in updates/s: (best-of-N, QC-FQL).
 REFERENCE = {"small": (49.0, 139.0), "paper": (1.5, 20.6)}
 REFERENCE_SAC_SMALL = 147.0  # SB3 SAC in the same session as the reference's small numbers
-# Issue 8's goals as multiples of the reference's rate on the same machine (``--reference``), best-of-N.
+# The goals as multiples of the reference's rate on the same machine (``--reference`` or ``--reference-src``).
 REFERENCE_GOALS = {"small": 1.5, "paper": 2.0}
 
 
@@ -85,6 +88,43 @@ def load_reference(path: Path) -> dict[str, dict[str, float]]:
         if not all(isinstance(rate, (int, float)) and rate > 0 for rate in by_actor.values()):
             raise ValueError(f"{path}: rates must be positive numbers, got {by_actor!r}")
     return rates
+
+
+class ReferenceProcess:
+    """
+    The authors' JAX code in its own Python (``benchmarks/reference.py``, a worker driven over stdin/stdout), so that
+    its blocks take turns with ours in one run. See reference.py for the set-up.
+
+    :param python: the reference venv's Python
+    :param src: a checkout of github ColinQiyangLi/qc
+    """
+
+    def __init__(self, python: str, src: Path) -> None:
+        worker = Path(__file__).with_name("reference.py")
+        self.process = subprocess.Popen(
+            [python, str(worker), "--src", str(src)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+        )
+        self.read()  # {"ready": true} once jax and the reference are imported
+
+    def read(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            if line.startswith("RESULT "):
+                answer = json.loads(line[len("RESULT "):])
+                if "error" in answer:
+                    raise RuntimeError(f"the reference worker failed: {answer['error']}")
+                return answer
+        raise RuntimeError(f"the reference worker exited (code {self.process.wait()}); its stderr is above")
+
+    def request(self, cmd: str, **fields: Any) -> dict[str, Any]:
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps({"cmd": cmd, **fields}) + "\n")
+        return self.read()
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        self.process.wait()
 
 
 class SyntheticEnv(gym.Env):
@@ -196,15 +236,6 @@ def interleaved_rates(jobs: dict[str, tuple[Callable[[int], Any], int]], repeats
     return {name: statistics.median(values) for name, values in rates.items()}
 
 
-def predict_ms(model: QC, n: int) -> float:
-    obs = np.zeros(OBS_DIM, dtype=np.float32)
-    model.predict(obs)
-    start = time.perf_counter()
-    for _ in range(n):
-        model.predict(obs)
-    return 1000 * (time.perf_counter() - start) / n
-
-
 def update_flops(model: QC) -> tuple[float, float]:
     """FLOPs of one gradient update, and those of its no-gradient sampling part (what bf16 autocast covers)."""
     data = model.replay_buffer.sample(model.batch_size)
@@ -241,12 +272,14 @@ def bench_updates(
     device: str,
     with_compile: bool = True,
     reference: dict[str, dict[str, float]] | None = None,
+    paired: tuple[str, Path] | None = None,
 ) -> tuple[list[str], list[str]]:
     """
     Section 1 and 2: updates/s, ratios to SAC, predict latency, start-up time (compilation), FLOPs and the
     fraction of the matmul bound, for the plain path, the fast path and (``with_compile``) the compiled fast path.
     Each config runs in a fresh process, so that compiled code of one config never stands in the way of the next
-    (dynamo's caches and recompile limits are per process).
+    (dynamo's caches and recompile limits are per process). ``paired``: (Python, checkout) of the authors' code,
+    measured in the same interleaved blocks (:class:`ReferenceProcess`); its rates replace ``reference``'s.
     """
     peak32 = matmul_peak(th.float32, device)
     peak16 = matmul_peak(th.bfloat16, device)
@@ -261,8 +294,8 @@ def bench_updates(
         "same machine reuse the on-disk cache).",
         "",
         "| config | actor | path | QC updates/s | SAC updates/s | QC / SAC | reference / SAC | QC / reference | "
-        "predict ms/chunk | start-up s | GFLOP/update | GFLOP/s | fraction of bound |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "predict ms/chunk | reference act ms | start-up s | GFLOP/update | GFLOP/s | fraction of bound |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     goals: list[str] = []
     context = multiprocessing.get_context("spawn")
@@ -280,6 +313,7 @@ def bench_updates(
                 peak32,
                 peak16,
                 (reference or {}).get(name, {}),
+                paired,
             ).result()
         lines += rows
         goals += config_goals
@@ -306,6 +340,7 @@ def bench_config(
     peak32: float,
     peak16: float,
     reference: dict[str, float],
+    paired: tuple[str, Path] | None = None,
 ) -> tuple[list[str], list[str]]:
     """The table rows and goal lines of one config (see :func:`bench_updates`)."""
     fast = has_fast_bf16(th.device(device).type)
@@ -328,13 +363,27 @@ def bench_config(
     jobs: dict[str, tuple[Callable[[int], Any], int]] = {"sac": (lambda n, m=sac: m.train(n, batch_size), config["sac_updates"])}
     for key, model in models.items():
         jobs[str(key)] = (lambda n, m=model: m.train(n, batch_size), config["n_updates"])
+    obs = np.zeros(OBS_DIM, dtype=np.float32)
+    act_jobs = {str(key): (lambda n, m=model: [m.predict(obs) for _ in range(n)], 20) for key, model in models.items()}
+    worker = ReferenceProcess(*paired) if paired else None
+    if worker is not None:
+        for actor in ("best_of_n", "distill"):
+            worker.request("build", key=actor, actor=actor, hidden=config["net_arch"], num_samples=config["num_samples"],
+                           batch_size=batch_size, obs_dim=OBS_DIM, action_dim=ACTION_DIM, chunk=CHUNK)
+            jobs[f"reference {actor}"] = (lambda n, a=actor: worker.request("update", key=a, n=n), config["n_updates"])
+            act_jobs[f"reference {actor}"] = (lambda n, a=actor: worker.request("act", key=a, n=n), 20)
     rates = interleaved_rates(jobs, repeats)
+    act_rates = interleaved_rates(act_jobs, repeats)  # chunks per second, the same models and the reference in turns
+    if worker is not None:
+        worker.close()
+        reference = {actor: rates[f"reference {actor}"] for actor in ("best_of_n", "distill")}
     sac_rate = rates["sac"]
     # The same FLOPs on every path: counted on the eager float32 model (a counting mode would recompile compiled code).
     counted = {actor: update_flops(models[actor, "float32", False, "float32"]) for actor in ("best_of_n", "distill")}
     for (actor, precision, compiled, training), model in models.items():
         rate = rates[str((actor, precision, compiled, training))]
-        latency = predict_ms(model, 20)
+        latency = 1000 / act_rates[str((actor, precision, compiled, training))]
+        reference_latency = 1000 / act_rates[f"reference {actor}"] if worker is not None else None
         flops, sampling_flops = counted[actor]
         sampling_peak = peak16 if precision == "auto" and fast else peak32
         training_peak = peak16 if training == "bfloat16" else peak32
@@ -348,31 +397,41 @@ def bench_config(
         lines.append(
             f"| {name} | {actor} | {label} | {rate:.2f} | {sac_rate:.1f} | {rate / sac_rate:.2f} | {ref_ratio} | "
             f"{f'{rate / here:.2f}' if here else '-'} | "
-            f"{latency:.2f} | {startup[actor, precision, compiled, training]:.1f} | {flops / 1e9:.2f} | {flops * rate / 1e9:.0f} | "
+            f"{latency:.2f} | {f'{reference_latency:.2f}' if reference_latency else '-'} | {startup[actor, precision, compiled, training]:.1f} | {flops / 1e9:.2f} | {flops * rate / 1e9:.0f} | "
             f"{bound_s * rate:.2f} |"
         )
         print(lines[-1], flush=True)
         if precision == "auto":
-            goals += goal_lines(name, actor, label, rate, sac_rate, latency, here)
+            goals += goal_lines(name, actor, label, rate, sac_rate, latency, here, reference_latency)
     return lines, goals
 
 
 def goal_lines(
-    config: str, actor: str, label: str, rate: float, sac_rate: float, latency: float, reference: float | None = None
+    config: str,
+    actor: str,
+    label: str,
+    rate: float,
+    sac_rate: float,
+    latency: float,
+    reference: float | None = None,
+    reference_latency: float | None = None,
 ) -> list[str]:
     """
-    Issue 8's goals for the fast path, checked against what was measured; with ``reference`` (the reference's
-    updates/s measured on this machine), also its "x the reference" goals for best-of-N.
+    The speed goals for the fast path, checked against what was measured: against SAC, and with ``reference`` (the
+    reference's updates/s on this machine) "x the reference" for both actors (1.5x small, 2x paper); with
+    ``reference_latency`` (its act ms, measured in the same run) a chunk choice no slower than the reference's.
     """
     checks = []  # (what, measured, goal, higher is better)
     if config == "small":
         checks.append(("QC / SAC", rate / sac_rate, 0.5 if actor == "best_of_n" else 1.4, True))
     if config == "paper" and actor == "best_of_n":
         checks.append(("updates/s", rate, 3.0, True))
-    if reference and actor == "best_of_n" and config in REFERENCE_GOALS:
+    if reference and config in REFERENCE_GOALS:
         checks.append(("QC / reference (this machine)", rate / reference, REFERENCE_GOALS[config], True))
     if config in ("small", "paper") and actor == "best_of_n":
         checks.append(("predict ms/chunk", latency, 2.0 if config == "small" else 5.0, False))
+    if reference_latency is not None:
+        checks.append(("predict ms/chunk against the reference's act ms (paired)", latency, round(reference_latency, 3), False))
     out = []
     for what, value, goal, higher in checks:
         met = value >= goal if higher else value <= goal
@@ -505,11 +564,17 @@ def bench_dataset(source: Path, source_size: int, n_transitions: int) -> list[st
 
 def machine_line(device: str) -> str:
     cpu = platform.processor() or platform.machine()
+    flags: set[str] = set()
     try:
         with open("/proc/cpuinfo") as file:
-            cpu = next(line.split(":", 1)[1].strip() for line in file if line.startswith("model name"))
+            lines = file.read().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+        flags = set(next(line.split(":", 1)[1].split() for line in lines if line.startswith("flags")))
     except (OSError, StopIteration):
         pass
+    if flags:  # the instruction sets the precisions depend on
+        shown = [flag for flag in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if flag in flags]
+        cpu += f" (flags: {' '.join(shown) or 'none of avx2/avx512/amx'})"
     if device.startswith("cuda") and th.cuda.is_available():
         cpu += f"; GPU {th.cuda.get_device_name()}"
     return f"{cpu}, {os.cpu_count()} cores, torch {th.__version__} ({th.get_num_threads()} threads), device {device}"
@@ -546,8 +611,15 @@ def main() -> None:
     parser.add_argument("--dataset-transitions", type=int, default=1_000_000)
     parser.add_argument("--reference", type=Path, default=None, help="JSON of the reference's updates/s measured on "
                         "this machine (see benchmarks/results/reference_amd_epyc.json): adds QC / reference")
+    parser.add_argument("--reference-src", type=Path, default=None, help="a checkout of the authors' code (github "
+                        "ColinQiyangLi/qc): measure it in the same interleaved blocks (needs --reference-python; see benchmarks/reference.py)")
+    parser.add_argument("--reference-python", type=str, default=None, help="the Python of a venv with the reference's "
+                        "requirements (jax, flax, optax, ...)")
     parser.add_argument("--out", type=str, default=None, help="write the markdown report to this file")
     args = parser.parse_args()
+    if (args.reference_src is None) != (args.reference_python is None):
+        parser.error("--reference-src and --reference-python go together")
+    paired = (args.reference_python, args.reference_src) if args.reference_src is not None else None
     reference = load_reference(args.reference) if args.reference else None
 
     batch_size, configs, wrapper_steps, source_size = 256, {name: CONFIGS[name] for name in args.configs}, 5_000, 100_000
@@ -561,7 +633,7 @@ def main() -> None:
     report = [*report_header("Throughput", args.device), ""]
     goals: list[str] = []
     if "updates" in args.sections:
-        lines, goals = bench_updates(configs, batch_size, args.repeats, args.device, with_compile=not args.smoke, reference=reference)
+        lines, goals = bench_updates(configs, batch_size, args.repeats, args.device, with_compile=not args.smoke, reference=reference, paired=paired)
         report += [
             f"## Gradient updates per second (batch {batch_size}, h={CHUNK}, obs {OBS_DIM}, action {ACTION_DIM}, "
             f"flow_steps 10, 2 critics; median of {args.repeats} interleaved blocks)",
@@ -572,13 +644,14 @@ def main() -> None:
             f"(issue 8: {REFERENCE['small'][0]:.0f} and {REFERENCE['small'][1]:.0f} updates/s against SAC's "
             f"{REFERENCE_SAC_SMALL:.0f}); paper config, reference: {REFERENCE['paper'][0]} (best-of-N) and "
             f"{REFERENCE['paper'][1]} (QC-FQL) updates/s. `QC / reference`: over the reference's rate measured on this "
-            f"machine ({f'`{args.reference}`' if reference else 'not given: `--reference`'}). `fraction of bound`: time one update would take at the "
+            f"machine ({'measured in the same interleaved blocks: `--reference-src`' if paired else (f'`{args.reference}`' if reference else 'not given: `--reference` or `--reference-src`')}); "
+            "`reference act ms`: its `sample_actions` on one observation, in turns with our `predict` (paired runs only). `fraction of bound`: time one update would take at the "
             "measured matmul throughput (the gradient path's precision for its FLOPs, the sampling path's for its own) "
             "over the time it took.",
             "",
         ]
         if goals:
-            report += ["Issue 8's goals (fast path):", "", *goals, ""]
+            report += ["Speed goals (fast path):", "", *goals, ""]
     if "profile" in args.sections:
         name, config = next(iter(configs.items()))
         report += [f"## Where an update's time goes ({name} config, torch.profiler)", "", *profile_updates(config, batch_size, args.device), ""]

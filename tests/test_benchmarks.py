@@ -150,3 +150,64 @@ def test_execution_smoke(tmp_path):
     assert [(row[0].strip(), row[1].strip()) for row in rows][:2] == [("0.00", "open loop"), ("0.00", "receding, replan every 3")]
     assert len(rows) == 10 and all(0.0 <= float(row[2]) <= 1.0 and 1 <= float(row[3]) <= 200 for row in rows)
     assert (tmp_path / "model.zip").is_file()
+
+
+FAKE_JAX = {
+    "jax/__init__.py": "from . import random\n__version__ = 'fake'\ndef block_until_ready(x):\n    return x\n",
+    "jax/random.py": "def PRNGKey(seed):\n    return seed\ndef split(key, n=2):\n    return [key + i + 1 for i in range(n)]\n",
+    "flax/__init__.py": "__version__ = 'fake'\n",
+    "agents/__init__.py": "",
+    # A stand-in for the reference's agent: it checks the batch shapes the worker sends and counts its calls.
+    "agents/acfql.py": (
+        "import time\n"
+        "import numpy as np\n"
+        "def get_config():\n    return {}\n"
+        "class ACFQLAgent:\n"
+        "    def __init__(self, config, obs_dim, action_dim):\n"
+        "        self.config, self.obs_dim, self.action_dim, self.network = config, obs_dim, action_dim, self\n"
+        "        self.params = None\n"
+        "    @classmethod\n"
+        "    def create(cls, seed, ex_observations, ex_actions, config):\n"
+        "        assert config['actor_type'] in ('best-of-n', 'distill-ddpg'), config\n"
+        "        return cls(config, ex_observations.shape[-1], ex_actions.shape[-1])\n"
+        "    def update(self, batch):\n"
+        "        b, h, o, a = self.config['batch_size'], self.config['horizon_length'], self.obs_dim, self.action_dim\n"
+        "        assert batch['observations'].shape == (b, o) and batch['actions'].shape == (b, h, a)\n"
+        "        assert batch['next_observations'].shape == (b, h, o) and batch['valid'].shape == (b, h)\n"
+        "        time.sleep(0.002)\n"
+        "        return self, {}\n"
+        "    def sample_actions(self, observations, rng=None):\n"
+        "        assert observations.shape == (self.obs_dim,)\n"
+        "        time.sleep(0.002)\n"
+        "        return np.zeros(self.action_dim * self.config['horizon_length'])\n"
+    ),
+}
+
+
+def test_throughput_paired_with_a_reference_checkout(tmp_path):
+    """``--reference-src``: the worker builds and times the reference's agents in turns with ours (a stand-in
+    checkout here, which checks the batch shapes it is given and takes at least 2 ms a call); the paired columns are
+    its timings: at most 500 updates/s, at least 2 ms an action."""
+    src = tmp_path / "qc"
+    for name, text in FAKE_JAX.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_text(text)
+    out = tmp_path / "throughput.md"
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--smoke", "--sections", "updates",
+         "--reference-src", str(src), "--reference-python", sys.executable, "--out", str(out)],
+        check=True,
+    )
+    report = out.read_text()
+    rows = table_rows(report, "smoke")
+    assert len(rows) == 6
+    for row in rows:
+        qc, to_reference, reference_act_ms = float(row[3]), float(row[7]), float(row[9])
+        assert to_reference >= qc / 500 - 0.01 and reference_act_ms >= 2.0
+    assert "predict ms/chunk against the reference's act ms (paired)" in report
+
+
+def test_reference_worker_refuses_a_directory_that_is_not_the_reference(tmp_path):
+    ReferenceProcess = benchmark_module("throughput").ReferenceProcess
+    with pytest.raises(RuntimeError, match="reference worker exited"):
+        ReferenceProcess(sys.executable, tmp_path)
