@@ -211,3 +211,12 @@ def test_reference_worker_refuses_a_directory_that_is_not_the_reference(tmp_path
     ReferenceProcess = benchmark_module("throughput").ReferenceProcess
     with pytest.raises(RuntimeError, match="reference worker exited"):
         ReferenceProcess(sys.executable, tmp_path)
+
+
+def test_act_latency_smoke(tmp_path):
+    out = tmp_path / "act.md"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "act_latency.py"), "--smoke", "--out", str(out)], check=True)
+    rows = table_rows(out.read_text(), "smoke")
+    assert [row[1] for row in rows] == ["best_of_n", "distill"]
+    for row in rows:
+        assert float(row[2]) > 0 and float(row[3]) > 0 and abs(float(row[4]) - float(row[2]) / float(row[3])) < 0.01

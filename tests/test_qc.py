@@ -522,3 +522,44 @@ def test_auto_compile_update_compiles_long_runs_only():
     assert not eager._compiling
     with pytest.raises(ValueError, match="compile_update must be 'auto', True, False or one of"):
         small_qc(compile_update="yes")
+
+
+@pytest.mark.parametrize("actor_type", ["best_of_n", "distill"])
+def test_small_batch_acting_runs_without_onednn_and_gives_the_same_chunks(actor_type):
+    """Acting in one env (eager, float32) turns oneDNN off for the chunk choice only: the same chunks as with it on
+    (float rounding), the flag back as it was afterwards, and large batches or bf16 sampling keep it."""
+    model = QC("MlpPolicy", "Pendulum-v1", chunk_size=3, actor_type=actor_type, num_samples=4,
+               policy_kwargs=dict(net_arch=[32, 32], sampling_precision="float32"), seed=0)
+    policy = model.policy
+    obs = np.zeros((1, 3), dtype=np.float32)
+    assert policy.small_eager_sampling(1) and not policy.small_eager_sampling(256)
+    assert th.backends.mkldnn.enabled
+    seen = []
+    original = policy.sample_chunks_from_noise
+
+    def spy(obs, noise):
+        seen.append(th.backends.mkldnn.enabled)
+        return original(obs, noise)
+
+    policy.sample_chunks_from_noise = spy
+    fast, _ = model.predict(obs, deterministic=True)
+    assert seen == [False] and th.backends.mkldnn.enabled
+    policy.small_eager_sampling = lambda batch_size: False  # the path with oneDNN on
+    plain, _ = model.predict(obs, deterministic=True)
+    assert seen == [False, True]
+    np.testing.assert_allclose(fast, plain, rtol=0, atol=1e-5)
+    policy.sampling_precision = "bfloat16"
+    del policy.small_eager_sampling
+    assert not policy.small_eager_sampling(1)  # bf16 matmuls need oneDNN
+
+
+def test_onednn_flag_is_restored_when_the_block_raises():
+    from sb3_qchunk.common.precision import onednn_disabled
+
+    with pytest.raises(RuntimeError, match="inside"):
+        with onednn_disabled():
+            assert not th.backends.mkldnn.enabled
+            raise RuntimeError("inside")
+    assert th.backends.mkldnn.enabled
+    with onednn_disabled(False):
+        assert th.backends.mkldnn.enabled

@@ -1,7 +1,9 @@
 """Numeric precision and compilation settings shared by the chunked algorithms: where bf16 pays, how to compile."""
 
+import contextlib
 import functools
 import platform
+from collections.abc import Iterator
 from typing import Any
 
 import torch as th
@@ -11,6 +13,11 @@ TRAINING_PRECISIONS = ("float32", "bfloat16")
 # "auto" samples in bf16 from this many observations per call: below it (acting in one env) the casts cost more
 # than the matmuls save (measured: best-of-8 for one observation, 256x256, 1.3 ms fp32 against 2.2 ms bf16).
 AUTO_BF16_MIN_BATCH = 64
+# Below this many rows per layer, eager float32 sampling on a CPU runs with oneDNN off: torch's CPU GELU goes through
+# a oneDNN primitive whose set-up dominates small tensors (measured on a 2-core AMD EPYC Zen 4, torch 2.13: an
+# (8, 256) GELU 21-73 us with oneDNN against 4 us without; (256, 256) about even; (2048, 256) oneDNN faster), and
+# float32 matmuls do not use oneDNN.
+ONEDNN_MIN_ROWS = 256
 
 
 @functools.cache
@@ -70,6 +77,25 @@ def bf16_autocast(device_type: str, enabled: bool) -> th.autocast:
     :param enabled: bfloat16 autocast if True, else a disabled autocast (float32 stays float32)
     """
     return th.autocast(device_type, dtype=th.bfloat16, enabled=enabled)
+
+
+@contextlib.contextmanager
+def onednn_disabled(disable: bool = True) -> Iterator[None]:
+    """
+    Turn torch's oneDNN (mkldnn) backend off inside the block (for the whole process, as torch's flag is global), and
+    back to what it was after; nothing with ``disable=False``. Only the other flags of ``torch.backends.mkldnn`` are
+    left as they are.
+
+    :param disable: whether to turn oneDNN off
+    """
+    if not disable:
+        yield
+        return
+    previous = th.backends.mkldnn.set_flags(_enabled=False, _fp32_precision=None)[0]
+    try:
+        yield
+    finally:
+        th.backends.mkldnn.set_flags(_enabled=previous, _fp32_precision=None)
 
 
 def compile_options(device: th.device) -> dict[str, Any]:

@@ -19,11 +19,13 @@ from torch import nn
 
 from sb3_qchunk.common.precision import (
     AUTO_BF16_MIN_BATCH,
+    ONEDNN_MIN_ROWS,
     SAMPLING_PRECISIONS,
     TRAINING_PRECISIONS,
     bf16_autocast,
     compile_options,
     has_fast_bf16,
+    onednn_disabled,
 )
 from sb3_qchunk.common.torch_layers import EnsembleLayerNorm, EnsembleLinear
 
@@ -554,9 +556,21 @@ class QCPolicy(BasePolicy):
         """
         batch_size = len(next(iter(obs.values())) if isinstance(obs, dict) else obs)
         noise = self.fixed_noise(batch_size) if deterministic else self.sampling_noise(batch_size)
-        with self.sampling_autocast(batch_size):
+        with self.sampling_autocast(batch_size), onednn_disabled(self.small_eager_sampling(batch_size)):
             chunks = self._sampling_fn()(obs, noise)
         return chunks.float()
+
+    def small_eager_sampling(self, batch_size: int) -> bool:
+        """
+        Whether a chunk choice for ``batch_size`` observations runs with oneDNN off (:func:`onednn_disabled`): eager
+        float32 sampling on a CPU with fewer than ``ONEDNN_MIN_ROWS`` rows per layer (observations times candidates),
+        as when acting in a few envs, where oneDNN's GELU costs several times its arithmetic. The numbers differ by
+        float rounding only (GELU within ~1e-6).
+        """
+        rows = batch_size * (self.num_samples if self.actor_type == "best_of_n" else 1)
+        return (
+            self.device.type == "cpu" and not self.compile_sampling and not self.sampling_bf16(batch_size) and rows < ONEDNN_MIN_ROWS
+        )
 
     def forward(self, obs: PyTorchObs, deterministic: bool = False) -> th.Tensor:
         return self._predict(obs, deterministic=deterministic)
