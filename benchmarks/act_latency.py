@@ -9,26 +9,23 @@ turns block by block, the median block kept. Small config (256x256, N=8) and pap
 """
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 
-from throughput import CONFIGS, OBS_DIM, SMOKE_CONFIG, make_qc, report_header, write_report  # benchmarks/ is the script's directory
+from throughput import CONFIGS, OBS_DIM, SMOKE_CONFIG, interleaved_rates, make_qc, report_header, write_report  # benchmarks/ is the script's directory
 
 
-def chunk_ms(model, n: int, onednn_switch: bool) -> float:
-    """Mean ms of ``n`` predicts; ``onednn_switch=False`` keeps oneDNN on (the instance's switch overridden)."""
+def predicts(model, n: int, onednn_switch: bool) -> None:
+    """``n`` predicts on one observation; ``onednn_switch=False`` keeps oneDNN on (the instance's switch overridden)."""
     policy, obs = model.policy, np.zeros(OBS_DIM, dtype=np.float32)
     if not onednn_switch:
         policy.small_eager_sampling = lambda batch_size: False
-    start = time.perf_counter()
-    for _ in range(n):
-        model.predict(obs)
-    elapsed = (time.perf_counter() - start) / n * 1000
-    if not onednn_switch:
-        del policy.small_eager_sampling
-    return elapsed
+    try:
+        for _ in range(n):
+            model.predict(obs)
+    finally:
+        if not onednn_switch:
+            del policy.small_eager_sampling
 
 
 def main() -> None:
@@ -49,13 +46,15 @@ def main() -> None:
         for actor in ("best_of_n", "distill"):
             model = make_qc(actor, config["net_arch"], config["num_samples"], 8 if args.smoke else 256, "auto", "cpu")
             n = 2 if args.smoke else (20 if actor == "best_of_n" else 200)
-            chunk_ms(model, 3, True), chunk_ms(model, 3, False)
-            on, shipped = [], []
-            for _ in range(repeats):
-                on.append(chunk_ms(model, n, False))
-                shipped.append(chunk_ms(model, n, True))
-            a, b = statistics.median(on), statistics.median(shipped)
-            lines.append(f"| {name} | {actor} | {a:.3f} | {b:.3f} | {a / b:.2f} |")
+            rates = interleaved_rates(  # chunks per second, the two taking turns
+                {
+                    "on": (lambda k, m=model: predicts(m, k, onednn_switch=False), n),
+                    "shipped": (lambda k, m=model: predicts(m, k, onednn_switch=True), n),
+                },
+                repeats,
+            )
+            on, shipped = 1000 / rates["on"], 1000 / rates["shipped"]
+            lines.append(f"| {name} | {actor} | {on:.3f} | {shipped:.3f} | {on / shipped:.2f} |")
             print(lines[-1], flush=True)
     write_report(lines, args.out)
 

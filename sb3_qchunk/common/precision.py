@@ -83,8 +83,8 @@ def bf16_autocast(device_type: str, enabled: bool) -> th.autocast:
 def onednn_disabled(disable: bool = True) -> Iterator[None]:
     """
     Turn torch's oneDNN (mkldnn) backend off inside the block (for the whole process, as torch's flag is global), and
-    back to what it was after; nothing with ``disable=False``. Only the other flags of ``torch.backends.mkldnn`` are
-    left as they are.
+    back to what it was after; nothing with ``disable=False``. The other flags of ``torch.backends.mkldnn`` are left
+    as they are.
 
     :param disable: whether to turn oneDNN off
     """
