@@ -218,11 +218,13 @@ def main() -> None:
     parser.add_argument("--threads", nargs="+", type=int, default=[2, 1], help="torch threads, one process each")
     parser.add_argument("--levers", nargs="+", default=list(LEVERS), choices=list(LEVERS), help="the first is the baseline")
     parser.add_argument("--rounds", type=int, default=16, help="timed blocks per lever")
+    parser.add_argument("--config", default="small", choices=list(CONFIGS), help="network sizes and N (throughput.py's configs)")
+    parser.add_argument("--block", type=int, default=25, help="updates per timed block")
     parser.add_argument("--smoke", action="store_true", help="tiny networks, a few updates (for the tests)")
     parser.add_argument("--out", type=str, default=None, help="write the markdown report to this file")
     args = parser.parse_args()
 
-    config, block, batch_size = CONFIGS["small"], 25, 256
+    config, block, batch_size = CONFIGS[args.config], args.block, 256
     if args.smoke:
         config, block, batch_size, args.rounds = SMOKE_CONFIG["smoke"], 2, 8, 2
     levers = [name for name in args.levers if th.backends.mkldnn.is_available() or not LEVERS[name].needs_mkldnn]
@@ -236,7 +238,7 @@ def main() -> None:
 
     report = [
         *report_header("Speed levers of the compiled fast path, one against the other", "cpu"),
-        f"Config: {'smoke' if args.smoke else 'small'} ({config['net_arch']}, N={config['num_samples']}, batch {batch_size}); "
+        f"Config: {'smoke' if args.smoke else args.config} ({config['net_arch']}, N={config['num_samples']}, batch {batch_size}); "
         f"{args.rounds} rounds of {block} updates per lever, the levers taking turns.",
         "",
         "| actor | threads | lever | updates/s (median) | / baseline (median of paired ratios) | q1 | q3 |",

@@ -10,8 +10,11 @@ Throughput of sb3-qchunk on this machine, in one run:
    same config and actor, and the goals are checked against it (1.5x the reference for small, 2x for paper).
    With ``--reference-src DIR --reference-python PY`` the authors' code itself is measured in the same run, its
    blocks interleaved with ours (``benchmarks/reference.py`` says how to set it up), and its action latency too.
-2. The FLOPs of one update (``torch.utils.flop_counter``) against the measured matmul throughput of torch on
-   this device (fp32, and bf16 for the sampling path when it runs in bf16): the fraction of that bound reached.
+2. Two bounds. The FLOPs of one update (``torch.utils.flop_counter``) against the measured matmul throughput of
+   torch on this device (fp32, and bf16 for the sampling path when it runs in bf16): the fraction of that bound
+   reached. And the matmul floor: the update's own matmuls (the shapes, layouts and precisions one eager update of
+   the same settings calls) replayed alone on random data, timed in the same interleaved blocks: what the update
+   would take if everything but its matmuls were free, and so the highest QC / reference ratio that path can reach.
 3. Chunk-wrapper overhead: primitive steps per second of a raw env against the same env inside
    ``ChunkedActionWrapper`` (h=5), on OGBench cube-single and on Pendulum-v1 (a cheap env).
 4. Dataset load time and replay-buffer memory for 1M OGBench transitions against the raw arrays' size.
@@ -54,6 +57,7 @@ import torch as th
 from gymnasium import spaces
 from stable_baselines3 import SAC
 from stable_baselines3.common.logger import configure
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from sb3_qchunk import QC, ChunkedActionWrapper
@@ -251,6 +255,58 @@ def update_flops(model: QC) -> tuple[float, float]:
     return float(total.get_total_flops()), float(sampling.get_total_flops())
 
 
+MATMUL_FUNCTIONS = (th.ops.aten.mm.default, th.ops.aten.addmm.default, th.ops.aten.bmm.default, th.ops.aten.baddbmm.default)
+
+
+class _MatmulRecorder(TorchDispatchMode):
+    """Records each matmul that runs inside it: the op, and per tensor argument its shape, strides and dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[Any, list[Any], dict[str, Any]]] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in MATMUL_FUNCTIONS:
+            layouts = [(tuple(a.shape), a.stride(), a.dtype) if isinstance(a, th.Tensor) else a for a in args]
+            self.calls.append((func, layouts, dict(kwargs)))
+        return func(*args, **kwargs)
+
+
+class MatmulFloor:
+    """
+    The matmuls of one gradient update of ``model``, replayed on random data: calling it with n runs them n times.
+    They are recorded in one eager update of ``model`` (which it changes by that update): pass an eager model with
+    the settings (actor, sampling and training precision) of the path whose floor is wanted. Compiled code calls the
+    same matmuls (inductor may fold a thin one into a generated kernel), so an eager twin stands for a compiled row.
+
+    :param model: an eager QC model with data in its buffer
+    """
+
+    def __init__(self, model: QC) -> None:
+        recorder = _MatmulRecorder()
+        with recorder:
+            model.train(1, model.batch_size)
+        device = model.device
+        self.calls = [(func, [self._tensor(a, device) for a in layouts], kwargs) for func, layouts, kwargs in recorder.calls]
+        self.device = device
+
+    @staticmethod
+    def _tensor(layout: Any, device: th.device) -> Any:
+        if not isinstance(layout, tuple):
+            return layout
+        shape, stride, dtype = layout
+        storage = 1 + sum((size - 1) * step for size, step in zip(shape, stride)) if all(shape) else 0
+        return th.randn(storage, device=device).to(dtype).as_strided(shape, stride)
+
+    def __call__(self, n: int) -> None:
+        for _ in range(n):
+            for func, args, kwargs in self.calls:
+                func(*args, **kwargs)
+        if self.device.type == "cuda":
+            th.cuda.synchronize()
+
+
 def matmul_peak(dtype: th.dtype, device: str, size: int = 1024, repeats: int = 20) -> float:
     """Measured GFLOP/s of a square matmul in ``dtype`` (the best of a few timed blocks)."""
     a = th.randn(size, size, device=device, dtype=dtype)
@@ -294,8 +350,9 @@ def bench_updates(
         "same machine reuse the on-disk cache).",
         "",
         "| config | actor | path | QC updates/s | SAC updates/s | QC / SAC | reference / SAC | QC / reference | "
-        "predict ms/chunk | reference act ms | start-up s | GFLOP/update | GFLOP/s | fraction of bound |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "predict ms/chunk | reference act ms | start-up s | GFLOP/update | GFLOP/s | fraction of bound | "
+        "matmul floor ms | QC / reference at the floor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     goals: list[str] = []
     context = multiprocessing.get_context("spawn")
@@ -360,9 +417,20 @@ def bench_config(
             model.predict(np.zeros(OBS_DIM, dtype=np.float32))
             key = (actor, precision, compiled, training)
             models[key], startup[key] = model, time.perf_counter() - start
+    # The matmul floor of each (actor, sampling precision, training precision), recorded on an eager model of those
+    # settings (the row's own, or a twin for compiled rows).
+    floors: dict[tuple[str, str, str], MatmulFloor] = {}
+    for actor, precision, compiled, training in sorted(models, key=lambda key: key[2]):  # eager models first
+        if (actor, precision, training) not in floors:
+            twin = models[actor, precision, compiled, training] if not compiled else make_qc(
+                actor, config["net_arch"], config["num_samples"], batch_size, precision, device, False, training
+            )
+            floors[actor, precision, training] = MatmulFloor(twin)
     jobs: dict[str, tuple[Callable[[int], Any], int]] = {"sac": (lambda n, m=sac: m.train(n, batch_size), config["sac_updates"])}
     for key, model in models.items():
         jobs[str(key)] = (lambda n, m=model: m.train(n, batch_size), config["n_updates"])
+    for key, floor in floors.items():
+        jobs[f"floor {key}"] = (floor, config["n_updates"])
     obs = np.zeros(OBS_DIM, dtype=np.float32)
     act_jobs = {str(key): (lambda n, m=model: [m.predict(obs) for _ in range(n)], 20) for key, model in models.items()}
     worker = ReferenceProcess(*paired) if paired else None
@@ -391,6 +459,7 @@ def bench_config(
         issue_reference = REFERENCE.get(name, (None, None))[actor == "distill"]
         ref_ratio = f"{issue_reference / REFERENCE_SAC_SMALL:.2f}" if issue_reference is not None and name == "small" else "-"
         here = reference.get(actor)  # the reference measured on this machine (--reference), if given
+        floor_rate = rates[f"floor {(actor, precision, training)}"]  # matmul-only updates per second
         label = "fp32" if precision == "float32" else ("auto: bf16" if fast else "auto: fp32")
         label += " + compile" if compiled else ""
         label += " + bf16 training" if training == "bfloat16" else ""
@@ -398,11 +467,11 @@ def bench_config(
             f"| {name} | {actor} | {label} | {rate:.2f} | {sac_rate:.1f} | {rate / sac_rate:.2f} | {ref_ratio} | "
             f"{f'{rate / here:.2f}' if here else '-'} | "
             f"{latency:.2f} | {f'{reference_latency:.2f}' if reference_latency else '-'} | {startup[actor, precision, compiled, training]:.1f} | {flops / 1e9:.2f} | {flops * rate / 1e9:.0f} | "
-            f"{bound_s * rate:.2f} |"
+            f"{bound_s * rate:.2f} | {1000 / floor_rate:.2f} | {f'{floor_rate / here:.2f}' if here else '-'} |"
         )
         print(lines[-1], flush=True)
         if precision == "auto":
-            goals += goal_lines(name, actor, label, rate, sac_rate, latency, here, reference_latency)
+            goals += goal_lines(name, actor, label, rate, sac_rate, latency, here, reference_latency, floor_rate)
     return lines, goals
 
 
@@ -415,11 +484,14 @@ def goal_lines(
     latency: float,
     reference: float | None = None,
     reference_latency: float | None = None,
+    floor_rate: float | None = None,
 ) -> list[str]:
     """
     The speed goals for the fast path, checked against what was measured: against SAC, and with ``reference`` (the
     reference's updates/s on this machine) "x the reference" for both actors (1.5x small, 2x paper); with
     ``reference_latency`` (its act ms, measured in the same run) a chunk choice no slower than the reference's.
+    ``floor_rate``: the path's matmul floor in updates/s (:class:`MatmulFloor`): an unmet reference goal says what
+    ratio the floor allows.
     """
     checks = []  # (what, measured, goal, higher is better)
     if config == "small":
@@ -435,7 +507,11 @@ def goal_lines(
     out = []
     for what, value, goal, higher in checks:
         met = value >= goal if higher else value <= goal
-        out.append(f"- {config} {actor} ({label}): {what} {value:.3f} (goal {'>=' if higher else '<='} {goal}): {'met' if met else 'NOT met'}")
+        line = f"- {config} {actor} ({label}): {what} {value:.3f} (goal {'>=' if higher else '<='} {goal}): {'met' if met else 'NOT met'}"
+        if not met and what.startswith("QC / reference") and floor_rate and reference:
+            at_floor = floor_rate / reference
+            line += f"; its matmuls alone allow at most {at_floor:.2f}" + (" (the goal is beyond this path's matmul floor)" if at_floor < goal else "")
+        out.append(line)
     return out
 
 
@@ -647,7 +723,10 @@ def main() -> None:
             f"machine ({'measured in the same interleaved blocks: `--reference-src`' if paired else (f'`{args.reference}`' if reference else 'not given: `--reference` or `--reference-src`')}); "
             "`reference act ms`: its `sample_actions` on one observation, in turns with our `predict` (paired runs only). `fraction of bound`: time one update would take at the "
             "measured matmul throughput (the gradient path's precision for its FLOPs, the sampling path's for its own) "
-            "over the time it took.",
+            "over the time it took. `matmul floor ms`: the update's own matmuls (shapes, layouts and precisions recorded "
+            "in one eager update of the row's actor and precisions) replayed alone on random data, in the same "
+            "interleaved blocks: the update's time if everything else were free. `QC / reference at the floor`: the "
+            "reference's time per update over that floor, the highest ratio the path can reach with these matmuls.",
             "",
         ]
         if goals:

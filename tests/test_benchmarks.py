@@ -130,6 +130,26 @@ def test_soak_smoke(tmp_path):
     assert all(int(row[1]) >= 5 for row in rows)  # each ring wrapped at least 5 times by the first checkpoint
 
 
+@pytest.mark.parametrize(
+    "actor, sampling, training",
+    [("best_of_n", "float32", "float32"), ("distill", "float32", "float32"), ("distill", "bfloat16", "bfloat16")],
+)
+def test_matmul_floor_replays_every_matmul_of_an_update(actor, sampling, training):
+    """The floor's replay does the FLOPs of one update (all of an MLP update's FLOPs are matmuls), in its precisions."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    throughput = benchmark_module("throughput")
+    model = throughput.make_qc(actor, [16, 16], 2, 8, sampling, "cpu", training_precision=training)
+    floor = throughput.MatmulFloor(model)
+    with FlopCounterMode(display=False) as replayed:
+        floor(2)
+    with FlopCounterMode(display=False) as update:
+        model.train(1, 8)
+    assert replayed.get_total_flops() == 2 * update.get_total_flops() > 0
+    dtypes = {args[0].dtype for _, args, _ in floor.calls}
+    assert dtypes == ({th.float32} if sampling == "float32" else {th.float32, th.bfloat16})
+
+
 def test_one_graph_update_of_best_of_n_matches_the_shipped_update():
     """The one-graph update (shipped for QC-FQL, a lever for best-of-N) takes best-of-N's shipped steps too."""
     make_qc = benchmark_module("throughput").make_qc
