@@ -164,6 +164,13 @@ LEVERS = {
         "`sampling_precision='float32'`: the sampling path (critic target, distillation target) without bf16",
         policy_kwargs=dict(sampling_precision="float32"),
     ),
+    "fp32-sampling-onednn-linear-gelu": Lever(
+        "`sampling_precision='float32'` with the flow's hidden Linear+GELU pairs as one oneDNN float32 matmul with a "
+        "GELU post-op (no-gradient path; compare with `fp32-sampling` as the baseline)",
+        policy_kwargs=dict(sampling_precision="float32"),
+        apply=fuse_flow_linear_gelu,
+        needs_mkldnn=True,
+    ),
     "one-graph-update": Lever("`compile_update='one_graph'`: the whole update as one compiled graph, for either actor", "one_graph"),
     "two-graph-update": Lever(
         "`compile_update='two_graphs'`: the losses as a forward and a backward graph, `Optimizer.step` and Polyak update "
@@ -188,7 +195,9 @@ def measure(actor: str, config: dict, levers: list[str], threads: int, rounds: i
     models: dict[str, QC] = {}
     for name in levers:
         lever = LEVERS[name]
-        model = make_qc(actor, config["net_arch"], config["num_samples"], batch_size, "auto", "cpu", lever.compile_update, **lever.policy_kwargs)
+        settings = dict(lever.policy_kwargs)
+        precision = settings.pop("sampling_precision", "auto")
+        model = make_qc(actor, config["net_arch"], config["num_samples"], batch_size, precision, "cpu", lever.compile_update, **settings)
         lever.apply(model)
         with LEVERS[name].context():
             model.train(2, batch_size)  # compilation

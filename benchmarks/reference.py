@@ -25,6 +25,7 @@ else the libraries print is ignored by the caller):
   "batch_size": 256, "obs_dim": 28, "action_dim": 5, "chunk": 5}`` -> ``{"build_s": ...}``
 - ``{"cmd": "update", "key": K, "n": 50}`` -> ``{"seconds": ...}`` (n updates, the last one waited for)
 - ``{"cmd": "act", "key": K, "n": 50}`` -> ``{"seconds": ...}`` (n one-observation action choices)
+- ``{"cmd": "flops", "key": K}`` -> ``{"flops": ...}`` (of one update, by XLA's cost analysis)
 - ``{"cmd": "info"}`` -> versions of jax / flax and the reference's commit if it is a git checkout
 
     /path/to/qc-venv/bin/python benchmarks/reference.py --src /path/to/qc
@@ -110,6 +111,14 @@ class Worker:
         seconds = time.perf_counter() - start
         self.keys[key] = rng
         return {"seconds": seconds}
+
+    def flops(self, key: str) -> dict[str, float]:
+        """FLOPs of one ``agent.update``: XLA's cost analysis of the compiled update (elementwise work included)."""
+        agent, batch = self.agents[key], self.batches[key]
+        cost = type(agent).update.lower(agent, batch).compile().cost_analysis()
+        if isinstance(cost, list):  # older jax: one dict per computation
+            cost = cost[0]
+        return {"flops": float(cost["flops"])}
 
     def info(self) -> dict[str, str]:
         import flax

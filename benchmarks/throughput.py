@@ -13,8 +13,9 @@ Throughput of sb3-qchunk on this machine, in one run:
 2. Two bounds. The FLOPs of one update (``torch.utils.flop_counter``) against the measured matmul throughput of
    torch on this device (fp32, and bf16 for the sampling path when it runs in bf16): the fraction of that bound
    reached. And the matmul floor: the update's own matmuls (the shapes, layouts and precisions one eager update of
-   the same settings calls) replayed alone on random data, timed in the same interleaved blocks: what the update
-   would take if everything but its matmuls were free, and so the highest QC / reference ratio that path can reach.
+   the same settings calls) replayed alone on random data, each several times in a row (inputs in cache), timed in
+   the same interleaved blocks: a lower bound of the update's time if everything but its matmuls were free, and so
+   the highest QC / reference ratio that path can reach.
 3. Chunk-wrapper overhead: primitive steps per second of a raw env against the same env inside
    ``ChunkedActionWrapper`` (h=5), on OGBench cube-single and on Pendulum-v1 (a cheap env).
 4. Dataset load time and replay-buffer memory for 1M OGBench transitions against the raw arrays' size.
@@ -275,7 +276,8 @@ class _MatmulRecorder(TorchDispatchMode):
 
 class MatmulFloor:
     """
-    The matmuls of one gradient update of ``model``, replayed on random data: calling it with n runs them n times.
+    The matmuls of one gradient update of ``model``, replayed on random data: calling it with n runs each of them n
+    times in a row (so its inputs are in cache, as they may be in the update: the floor is a lower bound).
     They are recorded in one eager update of ``model`` (which it changes by that update): pass an eager model with
     the settings (actor, sampling and training precision) of the path whose floor is wanted. Compiled code calls the
     same matmuls (inductor may fold a thin one into a generated kernel), so an eager twin stands for a compiled row.
@@ -300,8 +302,8 @@ class MatmulFloor:
         return th.randn(storage, device=device).to(dtype).as_strided(shape, stride)
 
     def __call__(self, n: int) -> None:
-        for _ in range(n):
-            for func, args, kwargs in self.calls:
+        for func, args, kwargs in self.calls:  # each matmul n times in a row: its inputs stay in cache, a lower bound
+            for _ in range(n):
                 func(*args, **kwargs)
         if self.device.type == "cuda":
             th.cuda.synchronize()
@@ -350,9 +352,9 @@ def bench_updates(
         "same machine reuse the on-disk cache).",
         "",
         "| config | actor | path | QC updates/s | SAC updates/s | QC / SAC | reference / SAC | QC / reference | "
-        "predict ms/chunk | reference act ms | start-up s | GFLOP/update | GFLOP/s | fraction of bound | "
-        "matmul floor ms | QC / reference at the floor |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "predict ms/chunk | reference act ms | start-up s | GFLOP/update | reference GFLOP/update | GFLOP/s | "
+        "fraction of bound | matmul floor ms | QC / reference at the floor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     goals: list[str] = []
     context = multiprocessing.get_context("spawn")
@@ -404,9 +406,14 @@ def bench_config(
     lines: list[str] = []
     goals: list[str] = []
     # (sampling precision, compile, training precision). Models of one setting share their compiled code; each
-    # (actor, training precision) compiles it again: 4 per config process, under dynamo's default limit of 8.
+    # compiled (actor, precisions) compiles it again: up to 6 per config process, under dynamo's default limit of 8.
     variants = [("float32", False, "float32"), ("auto", False, "float32")]
-    variants += [("auto", True, "float32"), ("auto", True, "bfloat16")] if with_compile else [("auto", False, "bfloat16")]
+    if with_compile:
+        # Compiled float32 too where "auto" samples in bf16: the fast path of CPUs without fast bf16 (AVX2-only ones).
+        variants += [("float32", True, "float32")] if fast else []
+        variants += [("auto", True, "float32"), ("auto", True, "bfloat16")]
+    else:
+        variants += [("auto", False, "bfloat16")]
     sac = make_sac(config["net_arch"], batch_size, device)
     models, startup = {}, {}
     for actor in ("best_of_n", "distill"):
@@ -434,12 +441,17 @@ def bench_config(
     obs = np.zeros(OBS_DIM, dtype=np.float32)
     act_jobs = {str(key): (lambda n, m=model: [m.predict(obs) for _ in range(n)], 20) for key, model in models.items()}
     worker = ReferenceProcess(*paired) if paired else None
+    reference_flops: dict[str, float] = {}
     if worker is not None:
         for actor in ("best_of_n", "distill"):
             worker.request("build", key=actor, actor=actor, hidden=config["net_arch"], num_samples=config["num_samples"],
                            batch_size=batch_size, obs_dim=OBS_DIM, action_dim=ACTION_DIM, chunk=CHUNK)
             jobs[f"reference {actor}"] = (lambda n, a=actor: worker.request("update", key=a, n=n), config["n_updates"])
             act_jobs[f"reference {actor}"] = (lambda n, a=actor: worker.request("act", key=a, n=n), 20)
+        try:
+            reference_flops = {actor: worker.request("flops", key=actor)["flops"] for actor in ("best_of_n", "distill")}
+        except RuntimeError as error:  # e.g. a checkout whose update is not a jitted function
+            print(f"The reference's FLOPs are not available: {error}", flush=True)
     rates = interleaved_rates(jobs, repeats)
     act_rates = interleaved_rates(act_jobs, repeats)  # chunks per second, the same models and the reference in turns
     if worker is not None:
@@ -466,7 +478,8 @@ def bench_config(
         lines.append(
             f"| {name} | {actor} | {label} | {rate:.2f} | {sac_rate:.1f} | {rate / sac_rate:.2f} | {ref_ratio} | "
             f"{f'{rate / here:.2f}' if here else '-'} | "
-            f"{latency:.2f} | {f'{reference_latency:.2f}' if reference_latency else '-'} | {startup[actor, precision, compiled, training]:.1f} | {flops / 1e9:.2f} | {flops * rate / 1e9:.0f} | "
+            f"{latency:.2f} | {f'{reference_latency:.2f}' if reference_latency else '-'} | {startup[actor, precision, compiled, training]:.1f} | {flops / 1e9:.2f} | "
+            f"{f'{reference_flops[actor] / 1e9:.2f}' if actor in reference_flops else '-'} | {flops * rate / 1e9:.0f} | "
             f"{bound_s * rate:.2f} | {1000 / floor_rate:.2f} | {f'{floor_rate / here:.2f}' if here else '-'} |"
         )
         print(lines[-1], flush=True)
@@ -721,11 +734,14 @@ def main() -> None:
             f"{REFERENCE_SAC_SMALL:.0f}); paper config, reference: {REFERENCE['paper'][0]} (best-of-N) and "
             f"{REFERENCE['paper'][1]} (QC-FQL) updates/s. `QC / reference`: over the reference's rate measured on this "
             f"machine ({'measured in the same interleaved blocks: `--reference-src`' if paired else (f'`{args.reference}`' if reference else 'not given: `--reference` or `--reference-src`')}); "
-            "`reference act ms`: its `sample_actions` on one observation, in turns with our `predict` (paired runs only). `fraction of bound`: time one update would take at the "
+            "`reference act ms`: its `sample_actions` on one observation, in turns with our `predict` (paired runs only). "
+            "`GFLOP/update`: ours, by `torch.utils.flop_counter` (matmuls); `reference GFLOP/update`: XLA's cost analysis of "
+            "the reference's jitted update (paired runs only; it counts elementwise work too). `fraction of bound`: time one update would take at the "
             "measured matmul throughput (the gradient path's precision for its FLOPs, the sampling path's for its own) "
             "over the time it took. `matmul floor ms`: the update's own matmuls (shapes, layouts and precisions recorded "
-            "in one eager update of the row's actor and precisions) replayed alone on random data, in the same "
-            "interleaved blocks: the update's time if everything else were free. `QC / reference at the floor`: the "
+            "in one eager update of the row's actor and precisions) replayed alone on random data, each one several times "
+            "in a row with its inputs in cache, in the same interleaved blocks: a lower bound of the update's time if "
+            "everything else were free. `QC / reference at the floor`: the "
             "reference's time per update over that floor, the highest ratio the path can reach with these matmuls.",
             "",
         ]
