@@ -25,6 +25,7 @@ else the libraries print is ignored by the caller):
   "batch_size": 256, "obs_dim": 28, "action_dim": 5, "chunk": 5}`` -> ``{"build_s": ...}``
 - ``{"cmd": "update", "key": K, "n": 50}`` -> ``{"seconds": ...}`` (n updates, the last one waited for)
 - ``{"cmd": "act", "key": K, "n": 50}`` -> ``{"seconds": ...}`` (n one-observation action choices)
+- ``{"cmd": "matmul", "m": 8192, "k": 512, "n": 512, "reps": 20}`` -> ``{"seconds": ...}`` (float32 dense layers)
 - ``{"cmd": "flops", "key": K}`` -> ``{"flops": ...}`` (of one update, by XLA's cost analysis)
 - ``{"cmd": "info"}`` -> versions of jax / flax and the reference's commit if it is a git checkout
 
@@ -70,6 +71,7 @@ class Worker:
         self.batches: dict[str, Any] = {}
         self.keys: dict[str, Any] = {}
         self.observation = None
+        self.matmuls: dict[tuple[int, int, int], Any] = {}
 
     def build(self, key: str, actor: str, hidden: list[int], num_samples: int, batch_size: int, obs_dim: int,
               action_dim: int, chunk: int, **_: Any) -> dict[str, float]:
@@ -111,6 +113,22 @@ class Worker:
         seconds = time.perf_counter() - start
         self.keys[key] = rng
         return {"seconds": seconds}
+
+    def matmul(self, m: int, k: int, n: int, reps: int) -> dict[str, float]:
+        """``reps`` float32 dense layers ``x @ w + b`` of (m, k) by (k, n), jitted (compiled at a shape's first call)."""
+        jax, np = self.jax, self.np
+        if (m, k, n) not in self.matmuls:
+            rng = np.random.default_rng(0)
+            arrays = [jax.numpy.asarray(rng.standard_normal(shape, dtype=np.float32)) for shape in ((m, k), (k, n), (n,))]
+            layer = jax.jit(lambda x, w, b: x @ w + b)
+            layer(*arrays).block_until_ready()
+            self.matmuls[m, k, n] = (layer, arrays)
+        layer, arrays = self.matmuls[m, k, n]
+        start = time.perf_counter()
+        for _ in range(reps):
+            out = layer(*arrays)
+        out.block_until_ready()
+        return {"seconds": time.perf_counter() - start}
 
     def flops(self, key: str) -> dict[str, float]:
         """FLOPs of one ``agent.update``: XLA's cost analysis of the compiled update (elementwise work included)."""

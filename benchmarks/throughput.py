@@ -21,6 +21,8 @@ Throughput of sb3-qchunk on this machine, in one run:
 4. Dataset load time and replay-buffer memory for 1M OGBench transitions against the raw arrays' size.
 5. A torch.profiler breakdown of an update (the first config), plain and fast path: matmuls, inductor-generated
    kernels (by name: compiled rows are profiled without ``cpp_wrapper``) and everything else.
+6. One dense layer at the update's shapes, GFLOP/s: torch's float32 and bf16 matmul, oneDNN's float32 linear, and,
+   paired, the reference's (XLA) float32 layer: what sets the matmul floor of each precision on this machine.
 
 Buffers for (1) hold synthetic transitions, so those numbers measure the update itself, not env stepping.
 Each rate is the median of ``--repeats`` timed blocks, the algorithms interleaved block by block, so that a
@@ -307,6 +309,56 @@ class MatmulFloor:
                 func(*args, **kwargs)
         if self.device.type == "cuda":
             th.cuda.synchronize()
+
+
+# (rows, inputs, outputs) of the dense layers that dominate an update: the gradient path's (batch 256) and the
+# sampling path's (256 x N candidates) hidden layers, small and paper config.
+MATMUL_SHAPES = [(256, 256, 256), (2048, 256, 256), (256, 512, 512), (8192, 512, 512)]
+
+
+def repeated(fn: Callable[..., Any], *args: Any) -> Callable[[int], None]:
+    """A job of :func:`interleaved_rates`: ``fn(*args)`` r times, each result dropped before the next call."""
+
+    def run(r: int) -> None:
+        for _ in range(r):
+            fn(*args)
+        if any(isinstance(a, th.Tensor) and a.is_cuda for a in args):
+            th.cuda.synchronize()
+
+    return run
+
+
+def bench_matmuls(device: str, repeats: int, paired: tuple[str, Path] | None, shapes: list[tuple[int, int, int]]) -> list[str]:
+    """
+    Section 6: GFLOP/s of one dense layer ``x @ W.T + b`` at the update's shapes, the ways torch can run it on this
+    device (ATen's ``addmm``: MKL on x86 CPUs for float32, oneDNN for bf16; oneDNN's float32 linear where torch has
+    it) against the reference's (a jitted XLA layer, float32, ``paired`` only), all in turns.
+    """
+    jobs: dict[str, tuple[Callable[[int], Any], int]] = {}
+    worker = ReferenceProcess(*paired) if paired else None
+    for m, k, n in shapes:
+        x, weight, bias = th.randn(m, k, device=device), th.randn(n, k, device=device), th.randn(n, device=device)
+        low = [t.bfloat16() for t in (x, weight, bias)]
+        reps = max(2, min(1000, int(2e9 / (2 * m * k * n))))  # ~2 GFLOP a block (at most 1000 calls)
+        jobs[f"{m}x{k}x{n} torch fp32"] = (repeated(th.addmm, bias, x, weight.t()), reps)
+        jobs[f"{m}x{k}x{n} torch bf16"] = (repeated(th.addmm, low[2], low[0], low[1].t()), reps)
+        if device == "cpu" and th.backends.mkldnn.is_available():
+            jobs[f"{m}x{k}x{n} onednn fp32"] = (repeated(th.ops.mkldnn._linear_pointwise, x, weight, bias, "none", [], ""), reps)
+        if worker is not None:
+            jobs[f"{m}x{k}x{n} reference fp32"] = (lambda r, mkn=(m, k, n): worker.request("matmul", m=mkn[0], k=mkn[1], n=mkn[2], reps=r), reps)
+    rates = interleaved_rates(jobs, repeats)
+    if worker is not None:
+        worker.close()
+    lines = [
+        "| rows x in x out | torch fp32 (ATen addmm) | oneDNN fp32 linear | torch bf16 (ATen addmm) | reference fp32 (XLA) |",
+        "|---|---|---|---|---|",
+    ]
+    for m, k, n in shapes:
+        cells = [f"{rates[f'{m}x{k}x{n} {way}'] * 2 * m * k * n / 1e9:.0f}" if f"{m}x{k}x{n} {way}" in rates else "-"
+                 for way in ("torch fp32", "onednn fp32", "torch bf16", "reference fp32")]
+        lines.append(f"| {m} x {k} x {n} | {' | '.join(cells)} |")
+        print(lines[-1], flush=True)
+    return lines
 
 
 def matmul_peak(dtype: th.dtype, device: str, size: int = 1024, repeats: int = 20) -> float:
@@ -692,7 +744,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny configs, a few updates (for the tests)")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--sections", nargs="+", default=["updates", "profile", "wrapper", "dataset"], choices=["updates", "profile", "wrapper", "dataset"])
+    sections = ["updates", "profile", "wrapper", "dataset", "matmul"]
+    parser.add_argument("--sections", nargs="+", default=sections, choices=sections)
     parser.add_argument("--repeats", type=int, default=5, help="timed blocks per measurement (the median is kept)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dataset-source", type=Path, default=None, help="OGBench npz repeated for section 4 "
@@ -756,6 +809,17 @@ def main() -> None:
     if "dataset" in args.sections:
         dataset_lines = bench_dataset(args.dataset_source, source_size, args.dataset_transitions)
         report += ["## Offline dataset: load time and replay-buffer memory", "", *dataset_lines, ""]
+    if "matmul" in args.sections:
+        shapes = [(8, 16, 16), (16, 16, 16)] if args.smoke else MATMUL_SHAPES
+        report += [
+            "## One dense layer at the update's shapes, GFLOP/s (the libraries in turns)",
+            "",
+            *bench_matmuls(args.device, args.repeats, paired, shapes),
+            "",
+            "Rows: 256 is the gradient path (batch 256), 2048 and 8192 the sampling path (256 observations x N "
+            "candidates); 256 and 512 wide: small and paper config. Median of interleaved blocks of ~2 GFLOP each.",
+            "",
+        ]
     write_report(report, args.out)
 
 

@@ -51,6 +51,10 @@ def test_throughput_smoke(tmp_path):
     assert float(wrapper[1]) > 0 and float(wrapper[2]) > 0
     (dataset,) = table_rows(report, "3000")  # 3 copies of a 1001-row episode: 1000 transitions each
     assert float(dataset[1]) > 0 and 1.0 < float(dataset[4]) < 2.5  # buffer bytes / raw bytes used
+    (matmul,) = table_rows(report, "8 x 16 x 16")  # a dense layer's GFLOP/s: fp32, oneDNN fp32, bf16; no reference
+    assert float(matmul[1]) > 0 and float(matmul[3]) > 0 and matmul[4] == "-"
+    for row in updates:  # the matmul floor: positive, and never above the update's own time
+        assert 0 < float(row[-2]) <= 1000 / float(row[3])
 
 
 def test_throughput_reference_file_is_checked(tmp_path):
