@@ -34,6 +34,7 @@ from torch import nn
 from throughput import CONFIGS, SMOKE_CONFIG, make_qc, report_header, write_report  # benchmarks/ is the script's directory
 
 from sb3_qchunk import QC
+from sb3_qchunk.common import torch_layers
 from sb3_qchunk.common.precision import compile_options
 
 
@@ -117,6 +118,17 @@ def bf16_fpmath() -> Iterator[None]:
         th.backends.mkldnn.matmul.fp32_precision = previous
 
 
+@contextlib.contextmanager
+def unfused_linear_gelu() -> Iterator[None]:
+    """The flow's Linear+GELU pairs unfused at any size (the shipped sampling path fuses large float32 batches)."""
+    previous = torch_layers.FUSED_LINEAR_GELU_MIN_MACS
+    torch_layers.FUSED_LINEAR_GELU_MIN_MACS = 2**62
+    try:
+        yield
+    finally:
+        torch_layers.FUSED_LINEAR_GELU_MIN_MACS = previous
+
+
 @dataclass
 class Lever:
     """
@@ -170,6 +182,12 @@ LEVERS = {
         policy_kwargs=dict(sampling_precision="float32"),
         apply=fuse_flow_linear_gelu,
         needs_mkldnn=True,
+    ),
+    "fp32-sampling-unfused": Lever(
+        "`sampling_precision='float32'` with the flow's Linear+GELU pairs never fused into one oneDNN call (what "
+        "`fuses_linear_gelu` does for large batches)",
+        policy_kwargs=dict(sampling_precision="float32"),
+        context=unfused_linear_gelu,
     ),
     "one-graph-update": Lever("`compile_update='one_graph'`: the whole update as one compiled graph, for either actor", "one_graph"),
     "two-graph-update": Lever(

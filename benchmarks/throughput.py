@@ -258,7 +258,13 @@ def update_flops(model: QC) -> tuple[float, float]:
     return float(total.get_total_flops()), float(sampling.get_total_flops())
 
 
-MATMUL_FUNCTIONS = (th.ops.aten.mm.default, th.ops.aten.addmm.default, th.ops.aten.bmm.default, th.ops.aten.baddbmm.default)
+MATMUL_FUNCTIONS = (
+    th.ops.aten.mm.default,
+    th.ops.aten.addmm.default,
+    th.ops.aten.bmm.default,
+    th.ops.aten.baddbmm.default,
+    th.ops.sb3_qchunk.linear_gelu.default,  # large float32 sampling batches (sb3_qchunk.common.torch_layers)
+)
 
 
 class _MatmulRecorder(TorchDispatchMode):

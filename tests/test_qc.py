@@ -563,3 +563,55 @@ def test_onednn_flag_is_restored_when_the_block_raises():
     assert th.backends.mkldnn.enabled
     with onednn_disabled(False):
         assert th.backends.mkldnn.enabled
+
+
+@pytest.mark.skipif(not th.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_large_float32_sampling_fuses_linear_gelu_with_the_same_numbers(monkeypatch):
+    """From FUSED_LINEAR_GELU_MIN_MACS on, no-gradient float32 flow steps call oneDNN's fused Linear+GELU: the same
+    velocities as the plain layers (float rounding), eager and compiled, and the same chunks from predict; with
+    gradients, in bf16 or below the threshold, the plain layers."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sb3_qchunk.common import torch_layers
+    from sb3_qchunk.qc import policies
+    from sb3_qchunk.qc.policies import FlowVelocityField
+
+    calls = []
+    fused_op = policies.linear_gelu
+    monkeypatch.setattr(policies, "linear_gelu", lambda *args: calls.append(args[0].shape) or fused_op(*args))
+    th.manual_seed(0)
+    flow = FlowVelocityField(28, 25, [64, 64, 64])  # body: GELU, (Linear, GELU) x 2, Linear
+    embedding, x, t = th.randn(32, 1, 64), th.randn(32, 8, 25), th.rand(32, 8, 1)
+    with th.no_grad():
+        plain = flow.velocity(embedding, x, t)  # 32 x 8 x 64 x 64 multiply-adds: below the threshold
+        assert calls == []
+        monkeypatch.setattr(torch_layers, "FUSED_LINEAR_GELU_MIN_MACS", 32 * 8 * 64 * 64)
+        with FlopCounterMode(display=False) as fused_flops:
+            fused = flow.velocity(embedding, x, t)
+        assert calls == [(32, 8, 64)] * 2
+        th.testing.assert_close(fused, plain, rtol=0, atol=1e-5)
+        monkeypatch.setattr(torch_layers, "FUSED_LINEAR_GELU_MIN_MACS", 2**62)
+        with FlopCounterMode(display=False) as plain_flops:
+            flow.velocity(embedding, x, t)
+        assert fused_flops.get_total_flops() == plain_flops.get_total_flops() > 0  # the fused layer counts as a Linear
+        monkeypatch.setattr(torch_layers, "FUSED_LINEAR_GELU_MIN_MACS", 32 * 8 * 64 * 64)
+        with th.autocast("cpu", dtype=th.bfloat16):
+            flow.velocity(embedding, x, t)
+        assert len(calls) == 2
+        monkeypatch.setattr(policies, "linear_gelu", fused_op)  # compiled: the registered op itself
+        th.testing.assert_close(th.compile(flow.velocity)(embedding, x, t), plain, rtol=0, atol=1e-5)
+    calls.clear()
+    monkeypatch.setattr(policies, "linear_gelu", lambda *args: calls.append(args[0].shape) or fused_op(*args))
+    flow.velocity(embedding, x, t).sum().backward()  # with gradients: the plain layers
+    assert calls == [] and flow.body[1].weight.grad is not None
+
+    model = QC("MlpPolicy", "Pendulum-v1", chunk_size=3, num_samples=8,
+               policy_kwargs=dict(net_arch=[32, 32], sampling_precision="float32"), seed=0)
+    obs = np.random.default_rng(0).standard_normal((32, 3)).astype(np.float32)  # 256 rows: oneDNN stays on
+    monkeypatch.setattr(torch_layers, "FUSED_LINEAR_GELU_MIN_MACS", 0)
+    fused_chunks, _ = model.predict(obs, deterministic=True)
+    assert len(calls) == 10  # one hidden pair per Euler step
+    monkeypatch.setattr(torch_layers, "FUSED_LINEAR_GELU_MIN_MACS", 2**62)
+    plain_chunks, _ = model.predict(obs, deterministic=True)
+    assert len(calls) == 10
+    np.testing.assert_allclose(fused_chunks, plain_chunks, rtol=0, atol=1e-5)

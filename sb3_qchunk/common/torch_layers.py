@@ -1,10 +1,12 @@
-"""Layers of an ensemble of networks evaluated together (the critics of QC)."""
+"""Layers of an ensemble of networks evaluated together (the critics of QC), and a fused Linear+GELU for sampling."""
 
 import math
+from typing import Any
 
 import torch as th
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.flop_counter import register_flop_formula
 
 
 class EnsembleLinear(nn.Module):
@@ -54,3 +56,49 @@ class EnsembleLayerNorm(nn.Module):
 
     def forward(self, x: th.Tensor) -> th.Tensor:
         return th.addcmul(self.bias, F.layer_norm(x, x.shape[-1:]), self.weight)  # one pass for the affine part
+
+
+# A no-gradient float32 Linear followed by an erf GELU runs as one oneDNN matmul with a GELU post-op (instead of
+# ATen's matmul, MKL's on x86, then a GELU kernel) from this many multiply-adds per call (rows x in x out). Measured on
+# a 2-core AMD EPYC Zen 4, compiled best-of-N update with float32 sampling: 8192 x 512 x 512 (the paper config's
+# candidates) 1.21x the updates/s; 2048 x 256 x 256 (the small config's) 0.87x, hence the threshold between them.
+FUSED_LINEAR_GELU_MIN_MACS = 2**30
+HAS_ONEDNN = th.backends.mkldnn.is_available()
+
+
+@th.library.custom_op("sb3_qchunk::linear_gelu", mutates_args=())
+def linear_gelu(x: th.Tensor, weight: th.Tensor, bias: th.Tensor) -> th.Tensor:
+    """``gelu(x @ weight.T + bias)`` (erf GELU) as one oneDNN matmul with a GELU post-op; an opaque op to inductor."""
+    return th.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
+
+
+@linear_gelu.register_fake
+def _(x: th.Tensor, weight: th.Tensor, bias: th.Tensor) -> th.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@register_flop_formula(th.ops.sb3_qchunk.linear_gelu)
+def _linear_gelu_flops(x_shape: Any, weight_shape: Any, *args: Any, **kwargs: Any) -> int:
+    """The matmul's FLOPs, so that ``torch.utils.flop_counter`` counts the fused layer like ``nn.Linear``."""
+    return 2 * math.prod(x_shape) * weight_shape[0]
+
+
+def fuses_linear_gelu(x: th.Tensor, linear: nn.Module, activation: nn.Module) -> bool:
+    """
+    Whether ``activation(linear(x))`` runs as :func:`linear_gelu`: no gradient taken, float32 on a CPU outside
+    autocast, torch built with oneDNN, an ``nn.Linear`` with bias and an erf ``nn.GELU``, and at least
+    ``FUSED_LINEAR_GELU_MIN_MACS`` multiply-adds. The result equals the unfused one up to float rounding.
+    """
+    return (
+        not th.is_grad_enabled()
+        and x.dtype == th.float32
+        and x.device.type == "cpu"
+        and not th.is_autocast_enabled("cpu")  # bf16 sampling keeps autocast's bf16 matmuls
+        and HAS_ONEDNN
+        and (th.compiler.is_compiling() or th.backends.mkldnn.enabled)  # not inside precision.onednn_disabled
+        and type(linear) is nn.Linear
+        and linear.bias is not None
+        and type(activation) is nn.GELU
+        and activation.approximate == "none"
+        and x.numel() * linear.out_features >= FUSED_LINEAR_GELU_MIN_MACS
+    )
