@@ -185,8 +185,12 @@ LEVERS = {
     ),
     "fp32-sampling-unfused": Lever(
         "`sampling_precision='float32'` with the flow's Linear+GELU pairs never fused into one oneDNN call (what "
-        "`fuses_linear_gelu` does for large batches)",
+        "`fused_linear_gelu_dtype` does for large batches)",
         policy_kwargs=dict(sampling_precision="float32"),
+        context=unfused_linear_gelu,
+    ),
+    "unfused": Lever(
+        "the flow's Linear+GELU pairs never fused into one oneDNN call (the shipped bf16 sampling fuses large batches)",
         context=unfused_linear_gelu,
     ),
     "one-graph-update": Lever("`compile_update='one_graph'`: the whole update as one compiled graph, for either actor", "one_graph"),

@@ -566,10 +566,10 @@ def test_onednn_flag_is_restored_when_the_block_raises():
 
 
 @pytest.mark.skipif(not th.backends.mkldnn.is_available(), reason="torch built without oneDNN")
-def test_large_float32_sampling_fuses_linear_gelu_with_the_same_numbers(monkeypatch):
-    """From FUSED_LINEAR_GELU_MIN_MACS on, no-gradient float32 flow steps call oneDNN's fused Linear+GELU: the same
-    velocities as the plain layers (float rounding), eager and compiled, and the same chunks from predict; with
-    gradients, in bf16 or below the threshold, the plain layers."""
+def test_large_sampling_batches_fuse_linear_gelu_with_the_same_numbers(monkeypatch):
+    """From FUSED_LINEAR_GELU_MIN_MACS on, no-gradient flow steps call oneDNN's fused Linear+GELU: the same
+    velocities as the plain layers (float rounding; bf16 rounding under bf16 autocast), eager and compiled, the same
+    FLOPs, and the same chunks from predict; with gradients or below the threshold, the plain layers."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from sb3_qchunk.common import torch_layers
@@ -595,9 +595,18 @@ def test_large_float32_sampling_fuses_linear_gelu_with_the_same_numbers(monkeypa
             flow.velocity(embedding, x, t)
         assert fused_flops.get_total_flops() == plain_flops.get_total_flops() > 0  # the fused layer counts as a Linear
         monkeypatch.setattr(torch_layers, "FUSED_LINEAR_GELU_MIN_MACS", 32 * 8 * 64 * 64)
+        with th.autocast("cpu", dtype=th.bfloat16):  # bf16 sampling: fused in bf16, as autocast runs a Linear
+            fused_bf16 = flow.velocity(embedding, x, t)
+            assert len(calls) == 4 and fused_bf16.dtype == th.bfloat16
+            monkeypatch.setattr(torch_layers, "FUSED_LINEAR_GELU_MIN_MACS", 2**62)
+            plain_bf16 = flow.velocity(embedding, x, t)
+            monkeypatch.setattr(torch_layers, "FUSED_LINEAR_GELU_MIN_MACS", 32 * 8 * 64 * 64)
+        assert len(calls) == 4 and plain_bf16.dtype == th.bfloat16
+        th.testing.assert_close(fused_bf16.float(), plain_bf16.float(), rtol=0, atol=0.05)
+        th.testing.assert_close(fused_bf16.float(), plain, rtol=0, atol=0.1)
         with th.autocast("cpu", dtype=th.bfloat16):
-            flow.velocity(embedding, x, t)
-        assert len(calls) == 2
+            compiled_bf16 = th.compile(flow.velocity)(embedding, x, t)
+        th.testing.assert_close(compiled_bf16.float(), plain_bf16.float(), rtol=0, atol=0.05)
         monkeypatch.setattr(policies, "linear_gelu", fused_op)  # compiled: the registered op itself
         th.testing.assert_close(th.compile(flow.velocity)(embedding, x, t), plain, rtol=0, atol=1e-5)
     calls.clear()

@@ -83,17 +83,17 @@ def _linear_gelu_flops(x_shape: Any, weight_shape: Any, *args: Any, **kwargs: An
     return 2 * math.prod(x_shape) * weight_shape[0]
 
 
-def fuses_linear_gelu(x: th.Tensor, linear: nn.Module, activation: nn.Module) -> bool:
+def fused_linear_gelu_dtype(x: th.Tensor, linear: nn.Module, activation: nn.Module) -> th.dtype | None:
     """
-    Whether ``activation(linear(x))`` runs as :func:`linear_gelu`: no gradient taken, float32 on a CPU outside
-    autocast, torch built with oneDNN, an ``nn.Linear`` with bias and an erf ``nn.GELU``, and at least
-    ``FUSED_LINEAR_GELU_MIN_MACS`` multiply-adds. The result equals the unfused one up to float rounding.
+    The precision in which ``activation(linear(x))`` runs as :func:`linear_gelu`, or None where it runs as the two
+    modules. Fused: no gradient taken, on a CPU, torch built with oneDNN, an ``nn.Linear`` with bias and an erf
+    ``nn.GELU``, at least ``FUSED_LINEAR_GELU_MIN_MACS`` multiply-adds; in float32 for a float32 ``x`` outside
+    autocast, in bf16 under bf16 autocast (as autocast would run the Linear). The result equals the unfused one up to
+    float rounding.
     """
-    return (
+    fusable = (
         not th.is_grad_enabled()
-        and x.dtype == th.float32
         and x.device.type == "cpu"
-        and not th.is_autocast_enabled("cpu")  # bf16 sampling keeps autocast's bf16 matmuls
         and HAS_ONEDNN
         and (th.compiler.is_compiling() or th.backends.mkldnn.enabled)  # not inside precision.onednn_disabled
         and type(linear) is nn.Linear
@@ -102,3 +102,8 @@ def fuses_linear_gelu(x: th.Tensor, linear: nn.Module, activation: nn.Module) ->
         and activation.approximate == "none"
         and x.numel() * linear.out_features >= FUSED_LINEAR_GELU_MIN_MACS
     )
+    if not fusable:
+        return None
+    if th.is_autocast_enabled("cpu"):
+        return th.bfloat16 if th.get_autocast_dtype("cpu") == th.bfloat16 else None
+    return th.float32 if x.dtype == th.float32 else None

@@ -27,7 +27,7 @@ from sb3_qchunk.common.precision import (
     has_fast_bf16,
     onednn_disabled,
 )
-from sb3_qchunk.common.torch_layers import EnsembleLayerNorm, EnsembleLinear, fuses_linear_gelu, linear_gelu
+from sb3_qchunk.common.torch_layers import EnsembleLayerNorm, EnsembleLinear, fused_linear_gelu_dtype, linear_gelu
 
 ACTOR_TYPES = ("best_of_n", "distill")
 Q_AGGREGATIONS = ("mean", "min")
@@ -41,9 +41,9 @@ class FlowVelocityField(nn.Module):
 
     The first layer is split into an observation part and an (x, t) part: the sum equals one linear layer
     over the concatenation, but the observation's share is computed once per observation and reused for
-    every sample and every Euler step. In large no-gradient float32 batches on a CPU (best-of-N's candidates at
-    the paper's sizes), each hidden Linear+GELU runs as one oneDNN matmul with a GELU post-op
-    (:func:`sb3_qchunk.common.torch_layers.fuses_linear_gelu`).
+    every sample and every Euler step. In large no-gradient batches on a CPU (best-of-N's candidates at the
+    paper's sizes), each hidden Linear+GELU runs as one oneDNN matmul with a GELU post-op
+    (:func:`sb3_qchunk.common.torch_layers.fused_linear_gelu_dtype`).
 
     :param features_dim: size of the observation features
     :param action_dim: size of the flattened chunk
@@ -88,8 +88,9 @@ class FlowVelocityField(nn.Module):
         layers = list(self.body)
         i = 0
         while i < len(layers):
-            if i + 1 < len(layers) and fuses_linear_gelu(hidden, layers[i], layers[i + 1]):  # large no-gradient batches
-                hidden = linear_gelu(hidden, layers[i].weight, layers[i].bias)
+            dtype = fused_linear_gelu_dtype(hidden, layers[i], layers[i + 1]) if i + 1 < len(layers) else None
+            if dtype is not None:  # large no-gradient batches: one oneDNN call
+                hidden = linear_gelu(hidden.to(dtype), layers[i].weight.to(dtype), layers[i].bias.to(dtype))
                 i += 2
             else:
                 hidden = layers[i](hidden)
