@@ -359,9 +359,10 @@ def bench_matmuls(device: str, repeats: int, paired: tuple[str, Path] | None, sh
         "| rows x in x out | torch fp32 (ATen addmm) | oneDNN fp32 linear | torch bf16 (ATen addmm) | reference fp32 (XLA) |",
         "|---|---|---|---|---|",
     ]
+    ways = ("torch fp32", "onednn fp32", "torch bf16", "reference fp32")
     for m, k, n in shapes:
-        cells = [f"{rates[f'{m}x{k}x{n} {way}'] * 2 * m * k * n / 1e9:.0f}" if f"{m}x{k}x{n} {way}" in rates else "-"
-                 for way in ("torch fp32", "onednn fp32", "torch bf16", "reference fp32")]
+        gflops = {way: rates[f"{m}x{k}x{n} {way}"] * 2 * m * k * n / 1e9 for way in ways if f"{m}x{k}x{n} {way}" in rates}
+        cells = [(f"{gflops[way]:.0f}" if gflops[way] >= 10 else f"{gflops[way]:.3f}") if way in gflops else "-" for way in ways]
         lines.append(f"| {m} x {k} x {n} | {' | '.join(cells)} |")
         print(lines[-1], flush=True)
     return lines
