@@ -52,17 +52,6 @@ def _(x: th.Tensor) -> th.Tensor:
     return th.empty_like(x)
 
 
-@th.library.custom_op("sb3_qchunk_levers::linear_gelu", mutates_args=())
-def onednn_linear_gelu(x: th.Tensor, weight: th.Tensor, bias: th.Tensor) -> th.Tensor:
-    """gelu(x @ weight.T + bias) as one oneDNN matmul with a GELU post-op (opaque to inductor, like aten_gelu)."""
-    return th.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
-
-
-@onednn_linear_gelu.register_fake
-def _(x: th.Tensor, weight: th.Tensor, bias: th.Tensor) -> th.Tensor:
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
 class SamplingGELU(nn.GELU):
     """erf GELU; in no-gradient code (the sampling path) through :func:`aten_gelu`."""
 
@@ -71,7 +60,7 @@ class SamplingGELU(nn.GELU):
 
 
 class SamplingLinearGELU(nn.Module):
-    """gelu(linear(x)) with the same Linear; in no-gradient code through :func:`onednn_linear_gelu`."""
+    """gelu(linear(x)) with the same Linear; in no-gradient code through the library's oneDNN ``linear_gelu`` at any size."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -80,7 +69,7 @@ class SamplingLinearGELU(nn.Module):
     def forward(self, x: th.Tensor) -> th.Tensor:
         if th.is_grad_enabled():
             return F.gelu(self.linear(x))
-        return onednn_linear_gelu(x, self.linear.weight.to(x.dtype), self.linear.bias.to(x.dtype))
+        return torch_layers.linear_gelu(x, self.linear.weight.to(x.dtype), self.linear.bias.to(x.dtype))
 
 
 def use_aten_gelu(model: QC) -> None:

@@ -91,16 +91,16 @@ def fused_linear_gelu_dtype(x: th.Tensor, linear: nn.Module, activation: nn.Modu
     autocast, in bf16 under bf16 autocast (as autocast would run the Linear). The result equals the unfused one up to
     float rounding.
     """
-    fusable = (
+    fusable = (  # the checks that fail while acting (small batches) first: they run at every Euler step
         not th.is_grad_enabled()
-        and x.device.type == "cpu"
-        and HAS_ONEDNN
-        and (th.compiler.is_compiling() or th.backends.mkldnn.enabled)  # not inside precision.onednn_disabled
         and type(linear) is nn.Linear
+        and x.numel() * linear.out_features >= FUSED_LINEAR_GELU_MIN_MACS
         and linear.bias is not None
         and type(activation) is nn.GELU
         and activation.approximate == "none"
-        and x.numel() * linear.out_features >= FUSED_LINEAR_GELU_MIN_MACS
+        and x.device.type == "cpu"
+        and HAS_ONEDNN
+        and (th.compiler.is_compiling() or th.backends.mkldnn.enabled)  # not inside precision.onednn_disabled
     )
     if not fusable:
         return None
