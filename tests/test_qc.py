@@ -1,5 +1,6 @@
 import copy
 import csv
+import warnings
 
 import gymnasium as gym
 import numpy as np
@@ -352,6 +353,25 @@ def test_sampling_precision_setting():
     assert model.policy.sample_chunks(th.zeros(3, 3)).dtype == th.float32
     with pytest.raises(ValueError, match="sampling_precision must be one of"):
         small_qc(policy_kwargs=dict(net_arch=[16, 16], sampling_precision="fp8"))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_asked_on_a_device_that_emulates_it_warns(monkeypatch, native):
+    monkeypatch.setattr("sb3_qchunk.qc.qc.has_native_bf16", lambda device_type: native)
+    for precisions, named in [
+        (dict(training_precision="bfloat16"), "training_precision='bfloat16' on a cpu"),
+        (dict(sampling_precision="bfloat16"), "sampling_precision='bfloat16' on a cpu"),
+        (dict(training_precision="bfloat16", sampling_precision="bfloat16"), "training_precision='bfloat16' and sampling"),
+    ]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            small_qc(policy_kwargs=dict(net_arch=[16, 16], **precisions))
+        emulated = [str(w.message) for w in caught if "emulated" in str(w.message)]
+        assert (emulated and named in emulated[0]) if not native else not emulated
+    with warnings.catch_warnings(record=True) as caught:  # the defaults never warn
+        warnings.simplefilter("always")
+        small_qc()
+    assert not [w for w in caught if "emulated" in str(w.message)]
 
 
 @pytest.mark.parametrize("actor_type", ["best_of_n", "distill"])
