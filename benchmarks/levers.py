@@ -19,6 +19,7 @@ sides of a ratio. ``baseline-again`` is a second, identical baseline model: its 
 
 import argparse
 import contextlib
+import functools
 import multiprocessing
 import statistics
 import time
@@ -108,10 +109,10 @@ def bf16_fpmath() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def unfused_linear_gelu() -> Iterator[None]:
-    """The flow's Linear+GELU pairs unfused at any size (the shipped sampling path fuses large float32 batches)."""
+def linear_gelu_threshold(min_macs: int | None) -> Iterator[None]:
+    """The flow's Linear+GELU pairs fused into one oneDNN call from ``min_macs`` multiply-adds (None: never)."""
     previous = torch_layers.FUSED_LINEAR_GELU_MIN_MACS
-    torch_layers.FUSED_LINEAR_GELU_MIN_MACS = 2**62
+    torch_layers.FUSED_LINEAR_GELU_MIN_MACS = min_macs
     try:
         yield
     finally:
@@ -141,7 +142,7 @@ class Lever:
 
 SHIPPED = compile_options(th.device("cpu"))
 LEVERS = {
-    "baseline": Lever(f"the shipped fast path: compile_update + compile_sampling (inductor options {SHIPPED}) + bf16 sampling"),
+    "baseline": Lever(f"the shipped fast path: compile_update + compile_sampling (inductor options {SHIPPED}), `sampling_precision='auto'` (bf16 where `has_fast_bf16`)"),
     "baseline-again": Lever("a second, identical model (the noise floor)"),
     "inductor-defaults": Lever("compiled with inductor's default options (`compile_options={}`)", policy_kwargs=dict(compile_options={})),
     "no-cpp-wrapper": Lever(
@@ -174,13 +175,19 @@ LEVERS = {
     ),
     "fp32-sampling-unfused": Lever(
         "`sampling_precision='float32'` with the flow's Linear+GELU pairs never fused into one oneDNN call (what "
-        "`fused_linear_gelu_dtype` does for large batches)",
+        "`fused_linear_gelu_dtype` does for large batches on AVX-512 CPUs)",
         policy_kwargs=dict(sampling_precision="float32"),
-        context=unfused_linear_gelu,
+        context=functools.partial(linear_gelu_threshold, None),
     ),
     "unfused": Lever(
-        "the flow's Linear+GELU pairs never fused into one oneDNN call (the shipped bf16 sampling fuses large batches)",
-        context=unfused_linear_gelu,
+        "the flow's Linear+GELU pairs never fused into one oneDNN call (the shipped sampling path fuses large batches "
+        "on AVX-512 CPUs)",
+        context=functools.partial(linear_gelu_threshold, None),
+    ),
+    "fused-large": Lever(
+        "the flow's Linear+GELU pairs fused into one oneDNN call from 2^30 multiply-adds, what AVX-512 CPUs ship (AVX2-only "
+        "CPUs never fuse)",
+        context=functools.partial(linear_gelu_threshold, 2**30),
     ),
     "one-graph-update": Lever("`compile_update='one_graph'`: the whole update as one compiled graph, for either actor", "one_graph"),
     "two-graph-update": Lever(

@@ -101,6 +101,46 @@ def test_non_finite_loss_restores_the_weights_and_says_where():
     assert model._n_updates == 0
 
 
+@pytest.mark.parametrize("compile_update", [False, True])
+def test_non_finite_loss_after_earlier_updates_restores_weights_and_adam_state(monkeypatch, compile_update):
+    model = qc(gym.make("Pendulum-v1"), chunk_size=2, compile_update=compile_update)
+    n = 64
+    model.load_dataset(
+        dict(
+            observations=np.random.default_rng(0).normal(size=(n, 3)).astype(np.float32),
+            next_observations=np.random.default_rng(1).normal(size=(n, 3)).astype(np.float32),
+            actions=np.zeros((n, 1), np.float32),
+            rewards=np.ones(n, np.float32),
+            terminals=np.eye(1, n, n - 1, dtype=np.float32)[0],
+            terminated=np.zeros(n, np.float32),
+        )
+    )
+    model.pretrain(3)  # the first snapshot: no optimizer state yet
+    model.pretrain(2)  # its layout changed (Adam's moments exist now): new buffers
+    # The state a third call starts from, which it snapshots into the buffers of the second.
+    weights = {k: v.clone() for k, v in model.policy.state_dict().items()}
+    optimizers = (model.actor.optimizer, model.critic.optimizer)
+    moments = [[{key: value.clone() for key, value in state.items()} for state in opt.state.values()] for opt in optimizers]
+    sample = model.replay_buffer.sample
+
+    def overflow(*args, **kwargs):  # finite rewards whose squared TD error overflows float32
+        batch = sample(*args, **kwargs)
+        return batch._replace(rewards=th.full_like(batch.rewards, 1e30))
+
+    monkeypatch.setattr(model.replay_buffer, "sample", overflow)
+    with pytest.raises(FloatingPointError, match=r"at gradient step 6 .*restored .* \(5 updates\)"):
+        model.pretrain(2)
+    for key, value in model.policy.state_dict().items():
+        assert th.equal(value, weights[key]), key
+    for opt, saved in zip(optimizers, moments):
+        assert len(opt.state) == len(saved)
+        for state, before in zip(opt.state.values(), saved):
+            assert state.keys() == before.keys()
+            for key in state:
+                assert th.equal(state[key], before[key]), key
+    assert model._n_updates == 5
+
+
 # ------------------------------------------------------------------------------------------------
 # 4. Interrupted and resumed runs
 # ------------------------------------------------------------------------------------------------

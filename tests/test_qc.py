@@ -585,6 +585,21 @@ def test_onednn_flag_is_restored_when_the_block_raises():
         assert th.backends.mkldnn.enabled
 
 
+@pytest.mark.parametrize("capability, min_macs", [("AVX512", 2**30), ("AVX2", None), ("DEFAULT", None)])
+def test_linear_gelu_fuses_by_default_only_on_avx512_cpus(monkeypatch, capability, min_macs):
+    from sb3_qchunk.common import torch_layers
+    from sb3_qchunk.qc.policies import FlowVelocityField
+
+    monkeypatch.setattr(th.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert torch_layers.default_fused_linear_gelu_min_macs() == min_macs
+    monkeypatch.setattr(torch_layers, "FUSED_LINEAR_GELU_MIN_MACS", min_macs)
+    flow = FlowVelocityField(4, 4, [8, 8])
+    big = th.zeros(1, 8).expand(2**24, 8)  # 2^30 multiply-adds through an 8 -> 8 layer (numel x out), no memory
+    with th.no_grad():
+        fused = torch_layers.fused_linear_gelu_dtype(big, flow.body[1], flow.body[2])
+    assert fused == (th.float32 if min_macs is not None and torch_layers.HAS_ONEDNN else None)
+
+
 @pytest.mark.skipif(not th.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 def test_large_sampling_batches_fuse_linear_gelu_with_the_same_numbers(monkeypatch):
     """From FUSED_LINEAR_GELU_MIN_MACS on, no-gradient flow steps call oneDNN's fused Linear+GELU: the same
@@ -610,18 +625,20 @@ def test_large_sampling_batches_fuse_linear_gelu_with_the_same_numbers(monkeypat
             fused = flow.velocity(embedding, x, t)
         assert calls == [(32, 8, 64)] * 2
         th.testing.assert_close(fused, plain, rtol=0, atol=1e-5)
-        monkeypatch.setattr(torch_layers, "FUSED_LINEAR_GELU_MIN_MACS", 2**62)
+        monkeypatch.setattr(torch_layers, "FUSED_LINEAR_GELU_MIN_MACS", None)  # never
         with FlopCounterMode(display=False) as plain_flops:
             flow.velocity(embedding, x, t)
         assert fused_flops.get_total_flops() == plain_flops.get_total_flops() > 0  # the fused layer counts as a Linear
         monkeypatch.setattr(torch_layers, "FUSED_LINEAR_GELU_MIN_MACS", 32 * 8 * 64 * 64)
-        with th.autocast("cpu", dtype=th.bfloat16):  # bf16 sampling: fused in bf16, as autocast runs a Linear
+        # bf16 sampling: fused in bf16 (as autocast runs a Linear) where oneDNN has bf16 matmuls, else the plain layers
+        fused_in_bf16 = 2 if torch_layers.ONEDNN_BF16 else 0
+        with th.autocast("cpu", dtype=th.bfloat16):
             fused_bf16 = flow.velocity(embedding, x, t)
-            assert len(calls) == 4 and fused_bf16.dtype == th.bfloat16
-            monkeypatch.setattr(torch_layers, "FUSED_LINEAR_GELU_MIN_MACS", 2**62)
+            assert len(calls) == 2 + fused_in_bf16 and fused_bf16.dtype == th.bfloat16
+            monkeypatch.setattr(torch_layers, "FUSED_LINEAR_GELU_MIN_MACS", None)
             plain_bf16 = flow.velocity(embedding, x, t)
             monkeypatch.setattr(torch_layers, "FUSED_LINEAR_GELU_MIN_MACS", 32 * 8 * 64 * 64)
-        assert len(calls) == 4 and plain_bf16.dtype == th.bfloat16
+        assert len(calls) == 2 + fused_in_bf16 and plain_bf16.dtype == th.bfloat16
         th.testing.assert_close(fused_bf16.float(), plain_bf16.float(), rtol=0, atol=0.05)
         th.testing.assert_close(fused_bf16.float(), plain, rtol=0, atol=0.1)
         with th.autocast("cpu", dtype=th.bfloat16):
@@ -640,7 +657,7 @@ def test_large_sampling_batches_fuse_linear_gelu_with_the_same_numbers(monkeypat
     monkeypatch.setattr(torch_layers, "FUSED_LINEAR_GELU_MIN_MACS", 0)
     fused_chunks, _ = model.predict(obs, deterministic=True)
     assert len(calls) == 10  # one hidden pair per Euler step
-    monkeypatch.setattr(torch_layers, "FUSED_LINEAR_GELU_MIN_MACS", 2**62)
+    monkeypatch.setattr(torch_layers, "FUSED_LINEAR_GELU_MIN_MACS", None)
     plain_chunks, _ = model.predict(obs, deterministic=True)
     assert len(calls) == 10
     np.testing.assert_allclose(fused_chunks, plain_chunks, rtol=0, atol=1e-5)

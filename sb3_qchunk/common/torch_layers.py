@@ -58,12 +58,24 @@ class EnsembleLayerNorm(nn.Module):
         return th.addcmul(self.bias, F.layer_norm(x, x.shape[-1:]), self.weight)  # one pass for the affine part
 
 
-# A no-gradient float32 Linear followed by an erf GELU runs as one oneDNN matmul with a GELU post-op (instead of
-# ATen's matmul, MKL's on x86, then a GELU kernel) from this many multiply-adds per call (rows x in x out). Measured on
-# a 2-core AMD EPYC Zen 4, compiled best-of-N update with float32 sampling: 8192 x 512 x 512 (the paper config's
-# candidates) 1.21x the updates/s; 2048 x 256 x 256 (the small config's) 0.87x, hence the threshold between them.
-FUSED_LINEAR_GELU_MIN_MACS = 2**30
+def default_fused_linear_gelu_min_macs() -> int | None:
+    """
+    From how many multiply-adds per call (rows x in x out) a no-gradient Linear followed by an erf GELU runs as one
+    oneDNN matmul with a GELU post-op (:func:`linear_gelu`) instead of ATen's matmul (MKL's on x86) and a GELU kernel;
+    None: never. Measured with the compiled best-of-N update, float32 sampling, on 2-core AMD EPYCs:
+
+    - CPUs whose ATen kernels run AVX-512 (Zen 4): 8192 x 512 x 512 (the paper config's candidates) 1.21x the
+      updates/s, 2048 x 256 x 256 (the small config's) 0.87x: from 2^30, between them;
+    - AVX2-only CPUs (Zen 3): 0.89x at the paper's size and 0.82x at the small one, as oneDNN's GELU post-op costs
+      three times a separate GELU kernel there (8192 x 512 x 512: 43.6 ms fused against 33.5 + 3.1 ms): never.
+    """
+    return 2**30 if th.backends.cpu.get_cpu_capability() == "AVX512" else None
+
+
+FUSED_LINEAR_GELU_MIN_MACS = default_fused_linear_gelu_min_macs()
 HAS_ONEDNN = th.backends.mkldnn.is_available()
+# oneDNN's bf16 matmuls need AVX512-BF16 or AMX (elsewhere it has no bf16 primitive and the call would fail).
+ONEDNN_BF16 = HAS_ONEDNN and th.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 @th.library.custom_op("sb3_qchunk::linear_gelu", mutates_args=())
@@ -87,13 +99,14 @@ def fused_linear_gelu_dtype(x: th.Tensor, linear: nn.Module, activation: nn.Modu
     """
     The precision in which ``activation(linear(x))`` runs as :func:`linear_gelu`, or None where it runs as the two
     modules. Fused: no gradient taken, on a CPU, torch built with oneDNN, an ``nn.Linear`` with bias and an erf
-    ``nn.GELU``, at least ``FUSED_LINEAR_GELU_MIN_MACS`` multiply-adds; in float32 for a float32 ``x`` outside
-    autocast, in bf16 under bf16 autocast (as autocast would run the Linear). The result equals the unfused one up to
+    ``nn.GELU``, at least ``FUSED_LINEAR_GELU_MIN_MACS`` multiply-adds (never where it is None); in float32 for a float32 ``x`` outside
+    autocast, in bf16 under bf16 autocast where oneDNN has bf16 matmuls (as autocast would run the Linear). The result equals the unfused one up to
     float rounding.
     """
     fusable = (  # the checks that fail while acting (small batches) first: they run at every Euler step
         not th.is_grad_enabled()
         and type(linear) is nn.Linear
+        and FUSED_LINEAR_GELU_MIN_MACS is not None
         and x.numel() * linear.out_features >= FUSED_LINEAR_GELU_MIN_MACS
         and linear.bias is not None
         and type(activation) is nn.GELU
@@ -105,5 +118,5 @@ def fused_linear_gelu_dtype(x: th.Tensor, linear: nn.Module, activation: nn.Modu
     if not fusable:
         return None
     if th.is_autocast_enabled("cpu"):
-        return th.bfloat16 if th.get_autocast_dtype("cpu") == th.bfloat16 else None
+        return th.bfloat16 if th.get_autocast_dtype("cpu") == th.bfloat16 and ONEDNN_BF16 else None
     return th.float32 if x.dtype == th.float32 else None

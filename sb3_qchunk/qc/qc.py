@@ -305,6 +305,7 @@ class QC(OffPolicyAlgorithm):
         self.compile_update = compile_update
         self._compiling = compile_update not in (False, "auto")  # "auto": decided by the first long enough run
         self._compiled_update: CompiledUpdate | None = None
+        self._snapshot: tuple[list[Any], list[th.Tensor]] | None = None  # buffers of _training_state
         if _init_setup_model:
             # (``load`` wraps the env itself, with the saved chunk size, before it builds the model.)
             env = wrap_chunked(env, self.env_chunk_size, gamma)
@@ -569,17 +570,32 @@ class QC(OffPolicyAlgorithm):
             self.logger.record(f"train/{key}", float(value))
 
     def _training_state(self) -> tuple[list[th.Tensor], list[dict[th.Tensor, dict[str, Any]]]]:
-        """Copies of every weight of the policy and of both optimizers' state."""
+        """
+        Copies of every weight of the policy and of both optimizers' state, taken before each ``train`` call so that a
+        non-finite statistic can put them back. They go into the buffers of the previous call (one ``_foreach_copy_``,
+        no allocation) while the tensors keep their shapes; into new buffers otherwise.
+        """
+        optimizers = (self.critic.optimizer, self.actor.optimizer)
         with th.no_grad():
-            weights = [param.detach().clone() for param in self.policy.parameters()]
-            optimizer_states = [
-                {
-                    param: {key: value.clone() if isinstance(value, th.Tensor) else value for key, value in state.items()}
-                    for param, state in optimizer.state.items()
-                }
-                for optimizer in (self.critic.optimizer, self.actor.optimizer)
+            params = [param.detach() for param in self.policy.parameters()]
+            sources = params + [
+                value for optimizer in optimizers for state in optimizer.state.values() for value in state.values() if isinstance(value, th.Tensor)
             ]
-        return weights, optimizer_states
+            layout = [(source.shape, source.dtype, source.device) for source in sources]
+            if self._snapshot is None or self._snapshot[0] != layout:
+                self._snapshot = (layout, [source.clone() for source in sources])
+            else:
+                th._foreach_copy_(self._snapshot[1], sources)
+        copies = self._snapshot[1]
+        saved = iter(copies[len(params) :])  # in the order the optimizer states were read above
+        optimizer_states = [
+            {
+                param: {key: next(saved) if isinstance(value, th.Tensor) else value for key, value in state.items()}
+                for param, state in optimizer.state.items()
+            }
+            for optimizer in optimizers
+        ]
+        return copies[: len(params)], optimizer_states
 
     def _restore_training_state(self, saved: tuple[list[th.Tensor], list[dict[th.Tensor, dict[str, Any]]]]) -> None:
         """Put back what :meth:`_training_state` copied (in place: compiled code keeps seeing the same tensors)."""
@@ -596,8 +612,8 @@ class QC(OffPolicyAlgorithm):
                     for key, value in state.items():
                         if isinstance(value, th.Tensor) and isinstance(current.get(key), th.Tensor):
                             current[key].copy_(value)
-                        else:
-                            current[key] = value
+                        else:  # (a copy: the snapshot's buffers are reused by the next call)
+                            current[key] = value.clone() if isinstance(value, th.Tensor) else value
 
     def _chunks(self, replay_data: ChunkReplayBufferSamples) -> th.Tensor:
         """
@@ -1079,6 +1095,7 @@ class QC(OffPolicyAlgorithm):
             "_target_params",
             "_compiled_update",
             "_chunks_returned",
+            "_snapshot",
         ]
 
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
