@@ -711,18 +711,29 @@ def bench_dataset(source: Path, source_size: int, n_transitions: int) -> list[st
 
 
 def machine_line(device: str) -> str:
+    """The CPU (model name, family and model, the instruction sets precisions depend on, ATen's vector width), cores,
+    torch and device."""
     cpu = platform.processor() or platform.machine()
-    flags: set[str] = set()
+    facts: list[str] = []
     try:
         with open("/proc/cpuinfo") as file:
-            lines = file.read().splitlines()
-        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-        flags = set(next(line.split(":", 1)[1].split() for line in lines if line.startswith("flags")))
-    except (OSError, StopIteration):
+            fields: dict[str, str] = {}
+            for line in file.read().splitlines():
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())  # the first processor's
+        cpu = fields.get("model name", cpu)
+        if "cpu family" in fields and "model" in fields:  # tells generations apart where a hypervisor masks the name
+            facts.append(f"family {fields['cpu family']} model {fields['model']}")
+        flags = set(fields.get("flags", "").split())
+        if flags:
+            shown = [flag for flag in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if flag in flags]
+            facts.append(f"flags: {' '.join(shown) or 'none of avx2/avx512/amx'}")
+    except OSError:
         pass
-    if flags:  # the instruction sets the precisions depend on
-        shown = [flag for flag in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if flag in flags]
-        cpu += f" (flags: {' '.join(shown) or 'none of avx2/avx512/amx'})"
+    if device == "cpu":  # the vector width of ATen's kernels, which decides the fused Linear+GELU
+        facts.append(f"ATen {th.backends.cpu.get_cpu_capability()}")
+    if facts:
+        cpu += f" ({'; '.join(facts)})"
     if device.startswith("cuda") and th.cuda.is_available():
         cpu += f"; GPU {th.cuda.get_device_name()}"
     return f"{cpu}, {os.cpu_count()} cores, torch {th.__version__} ({th.get_num_threads()} threads), device {device}"

@@ -15,7 +15,7 @@ from stable_baselines3.common.logger import configure
 from sb3_qchunk import QC, ChunkedActionWrapper
 from sb3_qchunk.common.evaluation import evaluate_success
 from sb3_qchunk.demo import RandomChunks
-from sb3_qchunk.common.precision import AUTO_BF16_MIN_BATCH, has_fast_bf16
+from sb3_qchunk.common.precision import AUTO_BF16_MIN_BATCH, has_fast_bf16, has_native_bf16
 from sb3_qchunk.qc.policies import aggregate_q
 from sb3_qchunk.common.env_util import wrap_chunked
 from sb3_qchunk.qc.qc import chunked_critic_target
@@ -231,8 +231,18 @@ def success_rate(model, n_episodes=20):
     return evaluate_success(model, wrap_chunked(SparseChainEnv(), chunk_size=5, gamma=0.99), n_episodes)["success_rate"]
 
 
+# Where bf16 is emulated (no AVX512-BF16 or AMX) the bf16 runs compute the same numbers at ~3x the time of the
+# float32 one; the bf16 agreement tests below still run there.
+EMULATED_BF16 = pytest.mark.skipif(not has_native_bf16("cpu"), reason="bf16 is emulated on this CPU: a learning run takes minutes")
+
+
 @pytest.mark.parametrize(
-    "sampling_precision, training_precision", [("float32", "float32"), ("bfloat16", "float32"), ("bfloat16", "bfloat16")]
+    "sampling_precision, training_precision",
+    [
+        ("float32", "float32"),
+        pytest.param("bfloat16", "float32", marks=EMULATED_BF16),
+        pytest.param("bfloat16", "bfloat16", marks=EMULATED_BF16),
+    ],
 )
 def test_qc_learns_sparse_chain_where_random_fails(sampling_precision, training_precision):
     """A random policy reaches the goal in ~2% of episodes (measured: 4/200); QC after 3000 steps nearly always,
