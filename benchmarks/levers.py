@@ -187,7 +187,7 @@ LEVERS = {
     "fused-large": Lever(
         "the flow's Linear+GELU pairs fused into one oneDNN call from 2^30 multiply-adds, what AVX-512 CPUs ship (AVX2-only "
         "CPUs never fuse)",
-        context=functools.partial(linear_gelu_threshold, 2**30),
+        context=functools.partial(linear_gelu_threshold, torch_layers.AVX512_FUSED_LINEAR_GELU_MIN_MACS),
     ),
     "one-graph-update": Lever("`compile_update='one_graph'`: the whole update as one compiled graph, for either actor", "one_graph"),
     "two-graph-update": Lever(

@@ -58,6 +58,10 @@ class EnsembleLayerNorm(nn.Module):
         return th.addcmul(self.bias, F.layer_norm(x, x.shape[-1:]), self.weight)  # one pass for the affine part
 
 
+# The fused Linear+GELU's threshold on CPUs whose ATen kernels run AVX-512 (see default_fused_linear_gelu_min_macs).
+AVX512_FUSED_LINEAR_GELU_MIN_MACS = 2**30
+
+
 def default_fused_linear_gelu_min_macs() -> int | None:
     """
     From how many multiply-adds per call (rows x in x out) a no-gradient Linear followed by an erf GELU runs as one
@@ -69,7 +73,7 @@ def default_fused_linear_gelu_min_macs() -> int | None:
     - AVX2-only CPUs (Zen 3): 0.89x at the paper's size and 0.82x at the small one, as oneDNN's GELU post-op costs
       three times a separate GELU kernel there (8192 x 512 x 512: 43.6 ms fused against 33.5 + 3.1 ms): never.
     """
-    return 2**30 if th.backends.cpu.get_cpu_capability() == "AVX512" else None
+    return AVX512_FUSED_LINEAR_GELU_MIN_MACS if th.backends.cpu.get_cpu_capability() == "AVX512" else None
 
 
 FUSED_LINEAR_GELU_MIN_MACS = default_fused_linear_gelu_min_macs()
@@ -99,9 +103,9 @@ def fused_linear_gelu_dtype(x: th.Tensor, linear: nn.Module, activation: nn.Modu
     """
     The precision in which ``activation(linear(x))`` runs as :func:`linear_gelu`, or None where it runs as the two
     modules. Fused: no gradient taken, on a CPU, torch built with oneDNN, an ``nn.Linear`` with bias and an erf
-    ``nn.GELU``, at least ``FUSED_LINEAR_GELU_MIN_MACS`` multiply-adds (never where it is None); in float32 for a float32 ``x`` outside
-    autocast, in bf16 under bf16 autocast where oneDNN has bf16 matmuls (as autocast would run the Linear). The result equals the unfused one up to
-    float rounding.
+    ``nn.GELU``, at least ``FUSED_LINEAR_GELU_MIN_MACS`` multiply-adds (never where it is None); in float32 for a
+    float32 ``x`` outside autocast, in bf16 under bf16 autocast where oneDNN has bf16 matmuls (as autocast would run
+    the Linear). The result equals the unfused one up to float rounding.
     """
     fusable = (  # the checks that fail while acting (small batches) first: they run at every Euler step
         not th.is_grad_enabled()

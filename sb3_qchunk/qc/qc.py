@@ -305,7 +305,7 @@ class QC(OffPolicyAlgorithm):
         self.compile_update = compile_update
         self._compiling = compile_update not in (False, "auto")  # "auto": decided by the first long enough run
         self._compiled_update: CompiledUpdate | None = None
-        self._snapshot: tuple[list[Any], list[th.Tensor]] | None = None  # buffers of _training_state
+        self._snapshot: list[th.Tensor] = []  # the buffers of _training_state
         if _init_setup_model:
             # (``load`` wraps the env itself, with the saved chunk size, before it builds the model.)
             env = wrap_chunked(env, self.env_chunk_size, gamma)
@@ -581,12 +581,15 @@ class QC(OffPolicyAlgorithm):
             sources = params + [
                 value for optimizer in optimizers for state in optimizer.state.values() for value in state.values() if isinstance(value, th.Tensor)
             ]
-            layout = [(source.shape, source.dtype, source.device) for source in sources]
-            if self._snapshot is None or self._snapshot[0] != layout:
-                self._snapshot = (layout, [source.clone() for source in sources])
+            reusable = len(self._snapshot) == len(sources) and all(
+                (buffer.shape, buffer.dtype, buffer.device) == (source.shape, source.dtype, source.device)
+                for buffer, source in zip(self._snapshot, sources)
+            )
+            if reusable:
+                th._foreach_copy_(self._snapshot, sources)
             else:
-                th._foreach_copy_(self._snapshot[1], sources)
-        copies = self._snapshot[1]
+                self._snapshot = [source.clone() for source in sources]
+        copies = self._snapshot
         saved = iter(copies[len(params) :])  # in the order the optimizer states were read above
         optimizer_states = [
             {
