@@ -75,9 +75,9 @@ def test_throughput_reference_file_is_checked(tmp_path):
         load_reference(path)
 
 
-def test_learning_smoke(tmp_path):
+def test_learning_smoke(tmp_path, play_data_dir):
     subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "learning.py"), "--smoke", "--out", str(tmp_path)],
+        [sys.executable, str(ROOT / "benchmarks" / "learning.py"), "--smoke", "--out", str(tmp_path), "--data-dir", str(play_data_dir)],
         check=True,
     )
     with open(tmp_path / "curves.csv", newline="") as file:
@@ -169,10 +169,10 @@ def test_one_graph_update_of_best_of_n_matches_the_shipped_update():
         th.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_execution_smoke(tmp_path):
+def test_execution_smoke(tmp_path, play_data_dir):
     out = tmp_path / "execution.md"
     command = [sys.executable, str(ROOT / "benchmarks" / "execution.py"), "--smoke", "--out", str(out)]
-    subprocess.run([*command, "--data-dir", str(tmp_path), "--save-model", str(tmp_path / "model")], check=True)
+    subprocess.run([*command, "--data-dir", str(play_data_dir), "--save-model", str(tmp_path / "model")], check=True)
     rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith(("| 0.00", "| 0.30"))]
     assert [(row[0].strip(), row[1].strip()) for row in rows][:2] == [("0.00", "open loop"), ("0.00", "receding, replan every 3")]
     assert len(rows) == 10 and all(0.0 <= float(row[2]) <= 1.0 and 1 <= float(row[3]) <= 200 for row in rows)

@@ -8,9 +8,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_demo_smoke(tmp_path):
+def test_demo_smoke(tmp_path, play_data_dir):
     out = tmp_path / "demo"
-    command = [sys.executable, "-m", "sb3_qchunk.demo", "--smoke", "--out", str(out), "--data-dir", str(tmp_path / "data")]
+    command = [sys.executable, "-m", "sb3_qchunk.demo", "--smoke", "--out", str(out), "--data-dir", str(play_data_dir)]
     subprocess.run(command, check=True, cwd=ROOT)
     with open(out / "curves.csv", newline="") as file:
         rows = list(csv.DictReader(file))
