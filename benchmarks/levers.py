@@ -156,6 +156,12 @@ LEVERS = {
         )
         for threshold in (2, 8)
     },
+    "max-autotune": Lever(
+        "inductor's `max_autotune` with its C++ GEMM template as a candidate beside ATen's (`max_autotune_gemm_backends="
+        "'CPP,ATEN'`): matmuls generated for the shapes where they beat ATen's; without epilogue fusion (with it, torch 2.13 "
+        "fails to compile the ensemble critic's batched matmuls: 'wrong ndim')",
+        policy_kwargs=dict(compile_options=dict(SHIPPED, max_autotune=True, max_autotune_gemm_backends="CPP,ATEN", epilogue_fusion=False)),
+    ),
     "aten-gelu": Lever("no-gradient GELUs call ATen's kernel instead of inductor's generated one", apply=use_aten_gelu),
     "onednn-linear-gelu": Lever(
         "the flow's hidden Linear+GELU pairs as one oneDNN matmul with a GELU post-op (no-gradient path)",
