@@ -32,7 +32,7 @@ import torch as th
 import torch.nn.functional as F
 from torch import nn
 
-from throughput import CONFIGS, SMOKE_CONFIG, make_qc, report_header, write_report  # benchmarks/ is the script's directory
+from throughput import ACTORS, CONFIGS, SMOKE_CONFIG, make_qc, report_header, write_report  # benchmarks/ is the script's directory
 
 from sb3_qchunk import QC
 from sb3_qchunk.common import torch_layers
@@ -159,7 +159,7 @@ LEVERS = {
     "max-autotune": Lever(
         "inductor's `max_autotune` with its C++ GEMM template as a candidate beside ATen's (`max_autotune_gemm_backends="
         "'CPP,ATEN'`): matmuls generated for the shapes where they beat ATen's; without epilogue fusion (with it, torch 2.13 "
-        "fails to compile the ensemble critic's batched matmuls: 'wrong ndim')",
+        "fails to compile either update: assertions in the GEMM template's epilogue code)",
         policy_kwargs=dict(compile_options=dict(SHIPPED, max_autotune=True, max_autotune_gemm_backends="CPP,ATEN", epilogue_fusion=False)),
     ),
     "aten-gelu": Lever("no-gradient GELUs call ATen's kernel instead of inductor's generated one", apply=use_aten_gelu),
@@ -247,7 +247,7 @@ def measure(actor: str, config: dict, levers: list[str], threads: int, rounds: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--actors", nargs="+", default=["best_of_n", "distill"], choices=["best_of_n", "distill"])
+    parser.add_argument("--actors", nargs="+", default=list(ACTORS), choices=list(ACTORS))
     parser.add_argument("--threads", nargs="+", type=int, default=[2, 1], help="torch threads, one process each")
     parser.add_argument("--levers", nargs="+", default=list(LEVERS), choices=list(LEVERS), help="the first is the baseline")
     parser.add_argument("--rounds", type=int, default=16, help="timed blocks per lever")

@@ -72,6 +72,7 @@ CONFIGS = {
     "small": dict(net_arch=[256, 256], num_samples=8, n_updates=50, sac_updates=200),
     "paper": dict(net_arch=[512, 512, 512, 512], num_samples=32, n_updates=5, sac_updates=50),
 }
+ACTORS = ("best_of_n", "distill")  # QC's actor types, in the order of every table
 SMOKE_CONFIG = {"smoke": dict(net_arch=[16, 16], num_samples=2, n_updates=3, sac_updates=3)}
 # The authors' JAX code, measured on this machine type (issue 8), in updates/s: (best-of-N, QC-FQL).
 REFERENCE = {"small": (49.0, 139.0), "paper": (1.5, 20.6)}
@@ -475,7 +476,7 @@ def bench_config(
         variants += [("auto", False, "bfloat16")]
     sac = make_sac(config["net_arch"], batch_size, device)
     models, startup = {}, {}
-    for actor in ("best_of_n", "distill"):
+    for actor in ACTORS:
         for precision, compiled, training in variants:
             model = make_qc(actor, config["net_arch"], config["num_samples"], batch_size, precision, device, compiled, training)
             start = time.perf_counter()  # the first update and the first action choice: compilation, if any
@@ -502,23 +503,23 @@ def bench_config(
     worker = ReferenceProcess(*paired) if paired else None
     reference_flops: dict[str, float] = {}
     if worker is not None:
-        for actor in ("best_of_n", "distill"):
+        for actor in ACTORS:
             worker.request("build", key=actor, actor=actor, hidden=config["net_arch"], num_samples=config["num_samples"],
                            batch_size=batch_size, obs_dim=OBS_DIM, action_dim=ACTION_DIM, chunk=CHUNK)
             jobs[f"reference {actor}"] = (lambda n, a=actor: worker.request("update", key=a, n=n), config["n_updates"])
             act_jobs[f"reference {actor}"] = (lambda n, a=actor: worker.request("act", key=a, n=n), 20)
         try:
-            reference_flops = {actor: worker.request("flops", key=actor)["flops"] for actor in ("best_of_n", "distill")}
+            reference_flops = {actor: worker.request("flops", key=actor)["flops"] for actor in ACTORS}
         except RuntimeError as error:  # e.g. a checkout whose update is not a jitted function
             print(f"The reference's FLOPs are not available: {error}", flush=True)
     rates = interleaved_rates(jobs, repeats)
     act_rates = interleaved_rates(act_jobs, repeats)  # chunks per second, the same models and the reference in turns
     if worker is not None:
         worker.close()
-        reference = {actor: rates[f"reference {actor}"] for actor in ("best_of_n", "distill")}
+        reference = {actor: rates[f"reference {actor}"] for actor in ACTORS}
     sac_rate = rates["sac"]
     # The same FLOPs on every path: counted on the eager float32 model (a counting mode would recompile compiled code).
-    counted = {actor: update_flops(models[actor, "float32", False, "float32"]) for actor in ("best_of_n", "distill")}
+    counted = {actor: update_flops(models[actor, "float32", False, "float32"]) for actor in ACTORS}
     for (actor, precision, compiled, training), model in models.items():
         rate = rates[str((actor, precision, compiled, training))]
         latency = 1000 / act_rates[str((actor, precision, compiled, training))]
@@ -596,7 +597,7 @@ def profile_updates(
     device: str,
     n_updates: int = 10,
     rows: int = 12,
-    actors: tuple[str, ...] = ("best_of_n", "distill"),
+    actors: tuple[str, ...] = ACTORS,
 ) -> list[str]:
     """Section 5: where an update's time goes (torch.profiler, self time per op), fp32 and fast path, per actor."""
     from torch.profiler import ProfilerActivity, profile
@@ -829,8 +830,7 @@ def main() -> None:
         name, config = next(iter(configs.items()))
         # The smoke run profiles one actor: the section's code is the same for both, and each compiled row costs a
         # cold compilation.
-        actors = ("distill",) if args.smoke else ("best_of_n", "distill")
-        profiled = profile_updates(config, batch_size, args.device, actors=actors)
+        profiled = profile_updates(config, batch_size, args.device, actors=("distill",) if args.smoke else ACTORS)
         report += [f"## Where an update's time goes ({name} config, torch.profiler)", "", *profiled, ""]
     if "wrapper" in args.sections:
         envs = ["Pendulum-v1"] if args.smoke else ["cube-single-singletask-task1-v0", "Pendulum-v1"]
