@@ -744,7 +744,9 @@ def machine_line(device: str) -> str:
         cpu += f" ({'; '.join(facts)})"
     if device.startswith("cuda") and th.cuda.is_available():
         cpu += f"; GPU {th.cuda.get_device_name()}"
-    return f"{cpu}, {os.cpu_count()} cores, torch {th.__version__} ({th.get_num_threads()} threads), device {device}"
+    allocator = [f"{name}={os.environ[name]}" for name in ("GLIBC_TUNABLES", "LD_PRELOAD") if os.environ.get(name)]
+    allocator_text = f", {' '.join(allocator)}" if allocator else ""  # malloc's settings change the rates (allocator.py)
+    return f"{cpu}, {os.cpu_count()} cores, torch {th.__version__} ({th.get_num_threads()} threads), device {device}{allocator_text}"
 
 
 def report_header(title: str, device: str) -> list[str]:

@@ -247,3 +247,33 @@ def test_act_latency_smoke(tmp_path):
     assert [row[1] for row in rows] == ["best_of_n", "distill"]
     for row in rows:
         assert float(row[2]) > 0 and float(row[3]) > 0 and abs(float(row[4]) - float(row[2]) / float(row[3])) < 0.01
+
+
+def test_allocator_smoke(tmp_path):
+    out = tmp_path / "allocator.md"
+    command = [sys.executable, str(ROOT / "benchmarks" / "allocator.py"), "--smoke", "--actors", "distill", "--paths", "eager"]
+    subprocess.run([*command, "--out", str(out)], check=True)
+    text = out.read_text()
+    assert "GLIBC_TUNABLES=glibc.malloc.mmap_threshold=" in text  # the setting measured, named in the report
+    rows = table_rows(text, "smoke")
+    assert [row[1:3] for row in rows] == [["distill", "eager"]]
+    default_rate, set_rate, ratio = (float(cell) for cell in rows[0][3:6])
+    assert default_rate > 0 and set_rate > 0
+    assert ratio == pytest.approx(set_rate / default_rate, rel=1e-2)  # one round: its ratio is the ratio of the medians
+
+
+def test_allocator_env_words_are_checked():
+    allocator = benchmark_module("allocator")
+    assert allocator.parse_env(["A=1", "B=x=y"]) == {"A": "1", "B": "x=y"}
+    with pytest.raises(SystemExit, match="NAME=VALUE"):
+        allocator.parse_env(["LD_PRELOAD"])
+
+
+def test_rational_gelu_lever_is_erf_gelu_within_float32_rounding():
+    levers = benchmark_module("levers")
+    x = th.linspace(-12, 12, 200_001)
+    exact = F.gelu(x.double())
+    assert (levers.rational_gelu(x).double() - exact).abs().max() < 1.2e-6
+    assert (levers.rational_gelu(th.tensor([-1e4, 1e4])) == th.tensor([0.0, 1e4])).all()  # saturates exactly
+    with th.no_grad():  # eager (not compiling): the plain GELU
+        th.testing.assert_close(levers.RationalGELU()(x), F.gelu(x), rtol=0, atol=0)
