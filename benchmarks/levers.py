@@ -4,7 +4,8 @@ keep what pays"). The baseline is the shipped fast path (``compile_update``, ``c
 ``sampling_precision="auto"``, inductor options from :func:`sb3_qchunk.common.precision.compile_options`); each lever
 changes one thing on top of it: an inductor option taken back or set otherwise (what the shipped options gain),
 a kernel swapped in the no-gradient path, a global torch switch, the sampling precision, the way the update is
-compiled (``one-graph-update``, ``two-graph-update``), or, measured for speed only, a model change (``tanh-gelu``).
+compiled (``one-graph-update``, ``two-graph-update``), another form of the same function (``rational-gelu``), or,
+measured for speed only, a model change (``tanh-gelu``).
 A later session can re-check a lever on another machine, or add one, here without touching the library.
 
 Method: every lever gets its own model (same seed, same synthetic buffer as ``throughput.py``); the models take
@@ -73,12 +74,17 @@ class SamplingLinearGELU(nn.Module):
         return torch_layers.linear_gelu(x, self.linear.weight.to(x.dtype), self.linear.bias.to(x.dtype))
 
 
-def use_aten_gelu(model: QC) -> None:
-    """Every GELU of the policy (flow, one-step actor, critics) calls ATen's kernel when no gradient is taken."""
+def replace_erf_gelus(model: QC, make: Callable[[], nn.Module]) -> None:
+    """Every erf GELU module of the policy (flow, one-step actor, critics) becomes ``make()``."""
     for module in model.policy.modules():
         for name, child in module.named_children():
             if type(child) is nn.GELU and child.approximate == "none":
-                setattr(module, name, SamplingGELU())
+                setattr(module, name, make())
+
+
+def use_aten_gelu(model: QC) -> None:
+    """Every GELU of the policy calls ATen's kernel when no gradient is taken."""
+    replace_erf_gelus(model, SamplingGELU)
 
 
 def fuse_flow_linear_gelu(model: QC) -> None:
@@ -123,18 +129,12 @@ class RationalGELU(nn.GELU):
 
 def use_rational_gelu(model: QC) -> None:
     """Every erf GELU of the policy computes erf as a rational function in compiled no-gradient code."""
-    for module in model.policy.modules():
-        for name, child in module.named_children():
-            if type(child) is nn.GELU and child.approximate == "none":
-                setattr(module, name, RationalGELU())
+    replace_erf_gelus(model, RationalGELU)
 
 
 def use_tanh_gelu(model: QC) -> None:
     """Every erf GELU of the policy becomes the tanh approximation (``jax.nn.gelu``'s default, the reference's)."""
-    for module in model.policy.modules():
-        for name, child in module.named_children():
-            if type(child) is nn.GELU and child.approximate == "none":
-                setattr(module, name, nn.GELU(approximate="tanh"))
+    replace_erf_gelus(model, functools.partial(nn.GELU, approximate="tanh"))
 
 
 @contextlib.contextmanager
