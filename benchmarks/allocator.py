@@ -6,13 +6,15 @@ other environment a user gives (``--env``, e.g. ``LD_PRELOAD=/usr/lib/x86_64-lin
 Why: an update allocates and frees its intermediate tensors (MBs each: 2048 x 256 float32 is 2 MiB) every time.
 glibc hands such blocks back to the kernel when they are freed (``mmap``/``munmap`` above its mmap threshold, a heap
 trim above its trim threshold), so the next update faults the same amount of fresh zeroed pages in again: thousands
-of minor page faults and milliseconds of kernel time per update. How much depends on the heap's history, so the
-rates of a process that built several models before (``throughput.py``, ``levers.py``) can differ from those of a
-training run with one model. Each measurement here is a fresh process with one model, the settings in turns
-(A B B A ...), and the table shows the paired ratio of each round.
+of minor page faults and milliseconds of kernel time per update. Whether it does depends on the heap's history
+(glibc raises both thresholds to the largest block freed so far), so a fresh process with one model on a synthetic
+buffer can fault where a process that built several models first (``throughput.py``, ``levers.py``) or loaded a
+dataset (``--dataset``, as a training run does) does not. Each measurement here is a fresh process with one model,
+the settings in turns (A B B A ...), and the table shows the paired ratio of each round.
 
     python benchmarks/allocator.py --out benchmarks/results/allocator_<machine>.md   # small config, both actors, eager and compiled
     python benchmarks/allocator.py --configs paper --paths compiled --rounds 3       # a part
+    python benchmarks/allocator.py --dataset data/cube-single-play-100000-seed0.npz   # a process as a training run holds it
     python benchmarks/allocator.py --env LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2
     python benchmarks/allocator.py --smoke --out /tmp/allocator.md                   # tiny, for the tests
 """
@@ -27,8 +29,13 @@ import sys
 import time
 from pathlib import Path
 
+import ogbench  # noqa: F401  (registers the OGBench envs)
 import torch as th
-from throughput import ACTORS, CONFIGS, SMOKE_CONFIG, make_qc, report_header, write_report  # benchmarks/ is the script's directory
+from stable_baselines3.common.logger import configure
+from throughput import ACTORS, CHUNK, CONFIGS, SMOKE_CONFIG, make_qc, report_header, write_report  # benchmarks/ is the script's directory
+
+from sb3_qchunk import QC
+from sb3_qchunk.datasets import load_ogbench_npz
 
 # Keep freed memory in the process: blocks up to 32 MiB (glibc's largest mmap threshold) come from the heap, and the
 # heap is not trimmed until 1 GiB lies free at its top. Setting both matters: setting either one switches off glibc's
@@ -38,11 +45,35 @@ PATHS = {"eager": False, "compiled": True}  # the model's compile_update (and co
 SECONDS_PER_MEASUREMENT = 4.0  # timed updates per process: about this long at the rate of the warm-up
 
 
-def worker(actor: str, config_name: str, path: str, threads: int) -> dict[str, float]:
+def make_dataset_qc(actor: str, config: dict, compiled: bool, dataset: str, env_id: str) -> QC:
+    """A QC model on the OGBench env ``env_id`` with the npz ``dataset`` loaded, as a training run holds it."""
+    th.manual_seed(0)
+    model = QC(
+        "MlpPolicy",
+        env_id,
+        chunk_size=CHUNK,
+        actor_type=actor,
+        num_samples=config["num_samples"],
+        flow_steps=10,
+        batch_size=256,
+        buffer_size=1_000,
+        compile_update=compiled,
+        policy_kwargs=dict(net_arch=config["net_arch"], compile_sampling=compiled),
+        seed=0,
+    )
+    model.set_logger(configure(None, []))
+    model.load_dataset(load_ogbench_npz(dataset, env=env_id))
+    return model
+
+
+def worker(actor: str, config_name: str, path: str, threads: int, dataset: str | None, env_id: str) -> dict[str, float]:
     """One fresh process's measurement: updates/s, minor page faults and kernel (system) time per update, peak RSS."""
     th.set_num_threads(threads)
     config = {**CONFIGS, **SMOKE_CONFIG}[config_name]
-    model = make_qc(actor, config["net_arch"], config["num_samples"], 256, "auto", "cpu", PATHS[path])
+    if dataset is None:
+        model = make_qc(actor, config["net_arch"], config["num_samples"], 256, "auto", "cpu", PATHS[path])
+    else:
+        model = make_dataset_qc(actor, config, PATHS[path], dataset, env_id)
     start = time.perf_counter()
     model.train(3, 256)  # compilation (from the on-disk cache after the warm-up process) and first touches
     model.train(2, 256)
@@ -61,13 +92,13 @@ def worker(actor: str, config_name: str, path: str, threads: int) -> dict[str, f
     }
 
 
-def measure(actor: str, config: str, path: str, threads: int, env: dict[str, str], unset: set[str]) -> dict[str, float]:
-    """:func:`worker` in a fresh Python process: this one's environment without ``unset``, with ``env``."""
-    command = [sys.executable, __file__, "--worker", json.dumps([actor, config, path, threads])]
+def measure(job: list, env: dict[str, str], unset: set[str]) -> dict[str, float]:
+    """:func:`worker` (``job``: its arguments) in a fresh Python process: this one's environment without ``unset``, with ``env``."""
+    command = [sys.executable, __file__, "--worker", json.dumps(job)]
     environment = {name: value for name, value in os.environ.items() if name not in unset}
     result = subprocess.run(command, env={**environment, **env}, capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError(f"the worker ({actor}, {config}, {path}, {env}) failed:\n{result.stderr[-3000:]}")
+        raise RuntimeError(f"the worker {job} with {env} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -90,6 +121,8 @@ def main() -> None:
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
     parser.add_argument("--env", nargs="+", default=[RETAIN_FREED], help="the environment measured against the defaults")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per process")
+    parser.add_argument("--dataset", default=None, help="an OGBench npz to train on (on --dataset-env) instead of the synthetic buffer")
+    parser.add_argument("--dataset-env", default="cube-single-singletask-task1-v0", help="the single-task env of --dataset")
     parser.add_argument("--rounds", type=int, default=6, help="paired measurements per row")
     parser.add_argument("--smoke", action="store_true", help="tiny networks, one round (for the tests)")
     parser.add_argument("--out", type=str, default=None, help="write the markdown report to this file")
@@ -104,7 +137,8 @@ def main() -> None:
     settings = {"default": {}, "set": env}  # "default": this environment without the names --env sets
     lines = report_header("Updates/s with glibc's default malloc heuristics and with another environment", "cpu") + [
         f"Environment measured against the defaults: `{' '.join(args.env)}`; {rounds} rounds, each a fresh process per "
-        f"setting (A B B A ...), torch {args.threads} threads, batch 256, synthetic buffer (`throughput.py`'s).",
+        f"setting (A B B A ...), torch {args.threads} threads, batch 256, "
+        + (f"the dataset `{args.dataset}` loaded on `{args.dataset_env}`." if args.dataset else "synthetic buffer (`throughput.py`'s)."),
         "",
         "| config | actor | path | default updates/s | set updates/s | set / default (median of paired ratios) | q1 | q3 | "
         "default faults/update | set faults/update | default system ms/update | set system ms/update | "
@@ -114,11 +148,12 @@ def main() -> None:
     for config in configs:
         for actor in args.actors:
             for path in args.paths:
-                measure(actor, config, path, args.threads, {}, set(env))  # warm-up: fills the inductor cache
+                job = [actor, config, path, args.threads, args.dataset, args.dataset_env]
+                measure(job, {}, set(env))  # warm-up: fills the inductor cache
                 runs: dict[str, list[dict[str, float]]] = {name: [] for name in settings}
                 for i in range(rounds):
                     for name in list(settings)[:: 1 if i % 2 == 0 else -1]:
-                        runs[name].append(measure(actor, config, path, args.threads, settings[name], set(env)))
+                        runs[name].append(measure(job, settings[name], set(env)))
                 ratios = [s["updates_per_s"] / d["updates_per_s"] for s, d in zip(runs["set"], runs["default"])]
                 q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
 
