@@ -27,7 +27,6 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import ogbench  # noqa: F401  (registers the OGBench envs)
 import torch as th
