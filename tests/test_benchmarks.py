@@ -12,6 +12,7 @@ import torch as th
 import torch.nn.functional as F
 
 from sb3_qchunk.common.precision import has_native_bf16
+from sb3_qchunk.datasets import cached_play_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -249,12 +250,17 @@ def test_act_latency_smoke(tmp_path):
         assert float(row[2]) > 0 and float(row[3]) > 0 and abs(float(row[4]) - float(row[2]) / float(row[3])) < 0.01
 
 
-def test_allocator_smoke(tmp_path):
+@pytest.mark.parametrize("buffer", ["synthetic", "dataset"])
+def test_allocator_smoke(tmp_path, play_data_dir, buffer):
     out = tmp_path / "allocator.md"
     command = [sys.executable, str(ROOT / "benchmarks" / "allocator.py"), "--smoke", "--actors", "distill", "--paths", "eager"]
+    if buffer == "dataset":  # the demo smoke run's dataset (generated here if that test has not run yet)
+        dataset = cached_play_dataset(play_data_dir / "cube-single-play-2000-seed0.npz", "cube-single", 2000, progress_bar=False)
+        command += ["--dataset", str(dataset)]
     subprocess.run([*command, "--out", str(out)], check=True)
     text = out.read_text()
     assert "GLIBC_TUNABLES=glibc.malloc.mmap_threshold=" in text  # the setting measured, named in the report
+    assert ("loaded on `cube-single-singletask-task1-v0`" in text) == (buffer == "dataset")
     rows = table_rows(text, "smoke")
     assert [row[1:3] for row in rows] == [["distill", "eager"]]
     default_rate, set_rate, ratio = (float(cell) for cell in rows[0][3:6])
