@@ -28,13 +28,8 @@ import subprocess
 import sys
 import time
 
-import ogbench  # noqa: F401  (registers the OGBench envs)
 import torch as th
-from stable_baselines3.common.logger import configure
-from throughput import ACTORS, CHUNK, CONFIGS, SMOKE_CONFIG, make_qc, report_header, write_report  # benchmarks/ is the script's directory
-
-from sb3_qchunk import QC
-from sb3_qchunk.datasets import load_ogbench_npz
+from throughput import ACTORS, CONFIGS, SMOKE_CONFIG, make_qc, report_header, write_report  # benchmarks/ is the script's directory
 
 # Keep freed memory in the process: blocks up to 32 MiB (glibc's largest mmap threshold) come from the heap, and the
 # heap is not trimmed until 1 GiB lies free at its top. Setting both matters: setting either one switches off glibc's
@@ -44,35 +39,12 @@ PATHS = {"eager": False, "compiled": True}  # the model's compile_update (and co
 SECONDS_PER_MEASUREMENT = 4.0  # timed updates per process: about this long at the rate of the warm-up
 
 
-def make_dataset_qc(actor: str, config: dict, compiled: bool, dataset: str, env_id: str) -> QC:
-    """A QC model on the OGBench env ``env_id`` with the npz ``dataset`` loaded, as a training run holds it."""
-    th.manual_seed(0)
-    model = QC(
-        "MlpPolicy",
-        env_id,
-        chunk_size=CHUNK,
-        actor_type=actor,
-        num_samples=config["num_samples"],
-        flow_steps=10,
-        batch_size=256,
-        buffer_size=1_000,
-        compile_update=compiled,
-        policy_kwargs=dict(net_arch=config["net_arch"], compile_sampling=compiled),
-        seed=0,
-    )
-    model.set_logger(configure(None, []))
-    model.load_dataset(load_ogbench_npz(dataset, env=env_id))
-    return model
-
-
 def worker(actor: str, config_name: str, path: str, threads: int, dataset: str | None, env_id: str) -> dict[str, float]:
     """One fresh process's measurement: updates/s, minor page faults and kernel (system) time per update, peak RSS."""
     th.set_num_threads(threads)
     config = {**CONFIGS, **SMOKE_CONFIG}[config_name]
-    if dataset is None:
-        model = make_qc(actor, config["net_arch"], config["num_samples"], 256, "auto", "cpu", PATHS[path])
-    else:
-        model = make_dataset_qc(actor, config, PATHS[path], dataset, env_id)
+    loaded = None if dataset is None else (dataset, env_id)
+    model = make_qc(actor, config["net_arch"], config["num_samples"], 256, "auto", "cpu", PATHS[path], dataset=loaded)
     start = time.perf_counter()
     model.train(3, 256)  # compilation (from the on-disk cache after the warm-up process) and first touches
     model.train(2, 256)

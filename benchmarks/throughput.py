@@ -66,6 +66,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from sb3_qchunk import QC, ChunkedActionWrapper
 
 from sb3_qchunk.common.precision import compile_options, has_fast_bf16
+from sb3_qchunk.datasets import load_ogbench_npz
 
 OBS_DIM, ACTION_DIM, CHUNK = 28, 5, 5
 CONFIGS = {
@@ -186,23 +187,27 @@ def make_qc(
     device: str,
     compiled: bool | str = False,
     training_precision: str = "float32",
+    dataset: tuple[str, str] | None = None,
     **policy_settings: Any,
 ) -> QC:
     """
     A QC model on :class:`SyntheticEnv` with 10k synthetic transitions. ``precision``: ``sampling_precision``;
-    ``compiled``: ``compile_update`` (True, or a compile mode) and ``compile_sampling``; ``policy_settings``: more
-    ``policy_kwargs`` (e.g. ``compile_options``).
+    ``compiled``: ``compile_update`` (True, or a compile mode) and ``compile_sampling``; ``dataset``: (OGBench npz,
+    single-task env id) to build the model on that env with the dataset loaded instead, as a training run holds it;
+    ``policy_settings``: more ``policy_kwargs`` (e.g. ``compile_options``).
     """
+    if dataset is not None:
+        import ogbench  # noqa: F401  (registers the OGBench envs)
     th.manual_seed(0)
     model = QC(
         "MlpPolicy",
-        SyntheticEnv(),
+        SyntheticEnv() if dataset is None else dataset[1],
         chunk_size=CHUNK,
         actor_type=actor_type,
         num_samples=num_samples,
         flow_steps=10,
         batch_size=batch_size,
-        buffer_size=20_000,
+        buffer_size=20_000 if dataset is None else 1_000,  # with a dataset: the online ring only (the dataset has its own block)
         compile_update=compiled,
         policy_kwargs=dict(
             net_arch=net_arch,
@@ -215,7 +220,10 @@ def make_qc(
         device=device,
     )
     model.set_logger(configure(None, []))
-    fill_qc_buffer(model, 10_000, np.random.default_rng(0))
+    if dataset is None:
+        fill_qc_buffer(model, 10_000, np.random.default_rng(0))
+    else:
+        model.load_dataset(load_ogbench_npz(dataset[0], env=dataset[1]))
     return model
 
 
