@@ -181,21 +181,34 @@ class Lever:
 
 
 SHIPPED = compile_options(th.device("cpu"))
+
+
+def without(option: str) -> dict:
+    """The shipped inductor options less one."""
+    return {key: value for key, value in SHIPPED.items() if key != option}
+
+
 LEVERS = {
     "baseline": Lever(f"the shipped fast path: compile_update + compile_sampling (inductor options {SHIPPED}), `sampling_precision='auto'` (bf16 where `has_fast_bf16`)"),
     "baseline-again": Lever("a second, identical model (the noise floor)"),
     "inductor-defaults": Lever("compiled with inductor's default options (`compile_options={}`)", policy_kwargs=dict(compile_options={})),
-    "no-cpp-wrapper": Lever(
-        "`realize_cpu_opcount_threshold=4` only", policy_kwargs=dict(compile_options=dict(realize_cpu_opcount_threshold=4))
+    "no-cpp-wrapper": Lever("the shipped inductor options without `cpp_wrapper`", policy_kwargs=dict(compile_options=without("cpp_wrapper"))),
+    "no-realize": Lever(
+        "the shipped inductor options without `realize_cpu_opcount_threshold` (inductor's default)",
+        policy_kwargs=dict(compile_options=without("realize_cpu_opcount_threshold")),
     ),
-    "no-realize": Lever("`cpp_wrapper=True` only", policy_kwargs=dict(compile_options=dict(cpp_wrapper=True))),
     **{
         f"realize-{threshold}": Lever(
-            f"`cpp_wrapper=True`, `realize_cpu_opcount_threshold={threshold}`",
-            policy_kwargs=dict(compile_options=dict(cpp_wrapper=True, realize_cpu_opcount_threshold=threshold)),
+            f"the shipped inductor options with `realize_cpu_opcount_threshold={threshold}`",
+            policy_kwargs=dict(compile_options=dict(SHIPPED, realize_cpu_opcount_threshold=threshold)),
         )
         for threshold in (2, 8)
     },
+    "no-unfuse-bias": Lever(
+        "the shipped inductor options without `post_grad_custom_post_pass=UnfuseBiasAdd()` (dense layers' bias added "
+        "inside ATen's `addmm` instead of in the activation's kernel)",
+        policy_kwargs=dict(compile_options=without("post_grad_custom_post_pass")),
+    ),
     "max-autotune": Lever(
         "inductor's `max_autotune` with its C++ GEMM template as a candidate beside ATen's (`max_autotune_gemm_backends="
         "'CPP,ATEN'`): matmuls generated for the shapes where they beat ATen's; without epilogue fusion (with it, torch 2.13 "

@@ -136,6 +136,57 @@ def test_offline_block_uniform_and_symmetric_sampling():
     assert int((data.observations[:, 0] < 0).sum()) == 128
 
 
+def mixed_buffer(**kwargs):
+    """10 offline steps (obs -1 .. -10, one episode end at -5) and 28 online steps (obs 0 .. 27); h = 2, gamma = 1."""
+    buffer = ChunkReplayBuffer(100, OBS_SPACE, ACTION_SPACE, device="cpu", chunk_size=2, gamma=1.0, **kwargs)
+    buffer.add_offline(
+        {
+            "observations": -np.arange(1, 11, dtype=np.float32)[:, None],
+            "next_observations": -np.arange(1, 11, dtype=np.float32)[:, None] - 0.5,
+            "actions": np.zeros((10, 1), dtype=np.float32),
+            "rewards": np.ones(10, dtype=np.float32),
+            "terminated": np.zeros(10, dtype=np.float32),
+            "terminals": (np.arange(10) == 4).astype(np.float32),
+        }
+    )
+    buffer.add(transitions(list(range(28))))
+    return buffer
+
+
+@pytest.mark.parametrize("offline_fraction", [None, 0.25])
+def test_sample_batches_are_independent_batches_of_whole_windows(offline_fraction):
+    """Several batches drawn at once: each row one window (its fields from the same window), each batch drawn as
+    ``sample`` draws one (the offline share per batch exact with ``offline_fraction``, uniform over all windows
+    without), and one batch drawn this way is the batch ``sample`` draws from the same seed."""
+    buffer = mixed_buffer(offline_fraction=offline_fraction)
+    np.random.seed(0)
+    batches = buffer.sample_batches(64, 300)
+    assert len(batches) == 300
+    offline_rows = []
+    for batch in batches:
+        assert batch.observations.shape == (64, 1) and batch.actions.shape == (64, 2, 1) and batch.valid.shape == (64, 2)
+        obs, next_obs = batch.observations[:, 0], batch.next_observations[:, 0]
+        offline = obs < 0
+        np.testing.assert_array_equal(next_obs[offline], obs[offline] - 1.5)  # the next obs of the window's last step
+        np.testing.assert_array_equal(next_obs[~offline], obs[~offline] + 1.5)
+        np.testing.assert_allclose(batch.actions[~offline, 1, 0], (obs[~offline] + 1) / 100)
+        np.testing.assert_array_equal(batch.rewards[~offline], 2 * obs[~offline] + 3)  # (g + 1) + (g + 2)
+        np.testing.assert_array_equal(batch.valid[obs == -5.0, 1], 0.0)  # the offline episode ends there
+        offline_rows.append(int(offline.sum()))
+    if offline_fraction is None:
+        assert np.mean(offline_rows) / 64 == pytest.approx(9 / 36, abs=0.01)
+        assert len(set(offline_rows)) > 1  # drawn per window, not per batch
+    else:
+        assert set(offline_rows) == {16}
+    seen = set(np.concatenate([batch.observations[:, 0].numpy() for batch in batches]).tolist())
+    assert seen == set(range(-9, 0)) | set(range(27))  # every window of both sources, nothing else
+    np.random.seed(1)
+    single = buffer.sample_batches(32, 1)[0]
+    np.random.seed(1)
+    for got, want in zip(single, buffer.sample(32)):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
+
+
 def test_empty_buffer_sampling_error():
     buffer = ChunkReplayBuffer(10, OBS_SPACE, ACTION_SPACE, device="cpu", chunk_size=3)
     buffer.add(transitions([0, 1]))
@@ -153,7 +204,8 @@ def test_dict_observations():
     buffer.add(steps)
     assert buffer.observations["b"].dtype == np.uint8
     np.random.seed(0)
-    data = buffer.sample(50)
-    first = data.observations["a"][:, 0]
-    assert (data.observations["b"][:, 0, 0] == first).all()
-    assert (data.next_observations["b"][:, 0, 0] == first + 2).all()
+    for data in [buffer.sample(50), *buffer.sample_batches(20, 3)]:
+        first = data.observations["a"][:, 0]
+        assert (data.observations["b"][:, 0, 0] == first).all()
+        assert (data.next_observations["b"][:, 0, 0] == first + 2).all()
+        assert (data.next_observations["a"][:, 0] == first + 1.5).all()

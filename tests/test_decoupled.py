@@ -91,7 +91,7 @@ def test_each_critic_gets_the_gradient_of_its_own_loss():
     model.learn(40)
     data = model.replay_buffer.sample(16)
     window = model._chunks(data)
-    noise = model._update_noise(16)
+    noise = model._update_noise(16)[0]
     inputs = (data.observations, data.next_observations, window, data.rewards, data.masks, data.valid, *noise, False)
     long_params, partial_params = list(model.long_critic.parameters()), list(model.critic.parameters())
     loss, _ = model._losses(*inputs)

@@ -121,13 +121,12 @@ def test_non_finite_loss_after_earlier_updates_restores_weights_and_adam_state(m
     weights = {k: v.clone() for k, v in model.policy.state_dict().items()}
     optimizers = (model.actor.optimizer, model.critic.optimizer)
     moments = [[{key: value.clone() for key, value in state.items()} for state in opt.state.values()] for opt in optimizers]
-    sample = model.replay_buffer.sample
+    sample_batches = model.replay_buffer.sample_batches
 
     def overflow(*args, **kwargs):  # finite rewards whose squared TD error overflows float32
-        batch = sample(*args, **kwargs)
-        return batch._replace(rewards=th.full_like(batch.rewards, 1e30))
+        return [batch._replace(rewards=th.full_like(batch.rewards, 1e30)) for batch in sample_batches(*args, **kwargs)]
 
-    monkeypatch.setattr(model.replay_buffer, "sample", overflow)
+    monkeypatch.setattr(model.replay_buffer, "sample_batches", overflow)
     with pytest.raises(FloatingPointError, match=r"at gradient step 6 .*restored .* \(5 updates\)"):
         model.pretrain(2)
     for key, value in model.policy.state_dict().items():

@@ -298,10 +298,11 @@ def targets_and_samples(model, data, precision):
 def test_bf16_sampling_agrees_with_float32(actor_type):
     """
     The fast path (bf16 autocast over flow sampling and candidate scoring) against the plain float32 path, same
-    model, data and seed. Tolerances (measured on this setup: max |dy| 0.05 of a target range of ~80, flow
-    samples within 0.01, 95% of best-of-N picks identical): targets within 0.2% of their scale at worst and
-    0.02% on average, flow samples within 0.03, at least 80% of best-of-N picks identical (the others are
-    candidates the critic values within bf16 rounding of the best).
+    model, data and seed. Tolerances (measured on this setup: targets of the same pick within 0.004 of a target
+    range of ~80, 0.17 where best-of-N picked another candidate, flow samples within 0.01, 98% of best-of-N picks
+    identical): targets of the same pick within 0.05% of their scale, any target within 1% (another pick is a
+    candidate the online critic values within bf16 rounding of the best, which the target critic may value a little
+    differently) and 0.02% on average, flow samples within 0.03, at least 80% of best-of-N picks identical.
     """
     model = small_qc(chunk_size=5, actor_type=actor_type, num_samples=8, flow_steps=10, batch_size=64, learning_starts=200,
                      policy_kwargs=dict(net_arch=[64, 64]))  # fmt: skip
@@ -311,12 +312,14 @@ def test_bf16_sampling_agrees_with_float32(actor_type):
     target16, chunks16, flow16 = targets_and_samples(model, data, "bfloat16")
     scale = float(target32.abs().max())
     assert scale > 1.0  # Pendulum's costs: the targets are far from 0 after 800 steps
-    assert float((target16 - target32).abs().max()) <= 2e-3 * scale
-    assert float((target16 - target32).abs().mean()) <= 2e-4 * scale
+    error = (target16 - target32).abs()
+    same_pick = (chunks16 - chunks32).abs().amax(dim=1) < 0.05
+    assert float(error[same_pick].max()) <= 5e-4 * scale
+    assert float(error.max()) <= 1e-2 * scale
+    assert float(error.mean()) <= 2e-4 * scale
     flow_error = float((flow16 - flow32).abs().max())
     assert 0.0 < flow_error <= 0.03  # > 0: the bf16 path really ran in bf16
-    same_pick = ((chunks16 - chunks32).abs().amax(dim=1) < 0.05).float().mean()
-    assert float(same_pick) >= 0.8
+    assert float(same_pick.float().mean()) >= 0.8
 
 
 @pytest.mark.parametrize(
@@ -512,7 +515,7 @@ def test_actor_q_term_does_not_train_the_critic():
     model = small_qc(chunk_size=2, actor_type="distill", alpha=1.0, policy_kwargs=dict(net_arch=[16, 16], sampling_precision="float32"))
     model.learn(40)
     data = model.replay_buffer.sample(16)
-    noise = model._update_noise(16)
+    noise = model._update_noise(16)[0]
     args = (data.observations, data.next_observations, data.actions.flatten(1), data.rewards, data.masks, data.valid, *noise, False)
     loss, stats = model._losses(*args)
     critic_grads = th.autograd.grad(loss, list(model.critic.parameters()), retain_graph=True)

@@ -280,6 +280,11 @@ class ChunkReplayBuffer(BaseBuffer):
     def _offline_window_count(self) -> int:
         return max(self.offline_size - self.chunk_size + 1, 0)
 
+    def window_nbytes(self) -> int:
+        """Bytes of one sampled window's arrays (observation, next observation, actions, reward, mask, valid flags)."""
+        observation = sum(array[0, 0].nbytes for array in self.observations.values())
+        return 2 * observation + self.actions[0, 0].nbytes * self.chunk_size + 4 * (2 + self.chunk_size)
+
     def num_windows(self) -> int:
         """Number of distinct windows that can be sampled."""
         return int(self._online_window_counts().sum()) + self._offline_window_count()
@@ -295,6 +300,19 @@ class ChunkReplayBuffer(BaseBuffer):
         :param env: unused (VecNormalize is not supported), kept for SB3's signature
         :return: the windows' tensors
         """
+        return self.sample_batches(batch_size, 1)[0]
+
+    def sample_batches(self, batch_size: int, n_batches: int) -> list[ChunkReplayBufferSamples]:
+        """
+        ``n_batches`` independent batches of ``batch_size`` windows, each drawn as :meth:`sample` draws one, gathered
+        in one pass: one indexing and one tensor per field for all of them (the batches are views into it), which
+        costs less than ``n_batches`` calls of :meth:`sample`. QC's ``train`` draws the batches of several gradient
+        steps at once.
+
+        :param batch_size: number of windows per batch
+        :param n_batches: number of batches
+        :return: the batches' tensors
+        """
         online_counts = self._online_window_counts()
         n_online, n_offline = int(online_counts.sum()), self._offline_window_count()
         if n_online + n_offline == 0:
@@ -302,20 +320,33 @@ class ChunkReplayBuffer(BaseBuffer):
                 f"The replay buffer holds no complete window of {self.chunk_size} steps yet "
                 f"({self.size()} transitions stored)"
             )
+        # Windows are gathered offline ones first, then online ones; ``order`` puts each batch's rows together.
         if self.offline_fraction is None or n_online == 0 or n_offline == 0:
-            flat = np.random.randint(n_online + n_offline, size=batch_size)
+            flat = np.random.randint(n_online + n_offline, size=n_batches * batch_size)
             from_offline = flat < n_offline
             offline_starts, online_flat = flat[from_offline], flat[~from_offline] - n_offline
+            order = np.empty(len(flat), dtype=np.int64)
+            order[from_offline] = np.arange(len(offline_starts))
+            order[~from_offline] = len(offline_starts) + np.arange(len(online_flat))
         else:
             n_from_offline = int(round(batch_size * self.offline_fraction))
-            offline_starts = np.random.randint(n_offline, size=n_from_offline)
-            online_flat = np.random.randint(n_online, size=batch_size - n_from_offline)
+            offline_starts = np.random.randint(n_offline, size=n_batches * n_from_offline)
+            online_flat = np.random.randint(n_online, size=n_batches * (batch_size - n_from_offline))
+            order = np.concatenate(
+                [
+                    np.arange(len(offline_starts)).reshape(n_batches, -1),
+                    len(offline_starts) + np.arange(len(online_flat)).reshape(n_batches, -1),
+                ],
+                axis=1,
+            ).ravel()
+        if len(offline_starts) == 0 or len(online_flat) == 0:
+            order = None  # one source: the rows are in batch order already
         parts = []
         if len(offline_starts) > 0:
             parts.append(self._gather_offline(offline_starts))
         if len(online_flat) > 0:
             parts.append(self._gather_online(online_flat, online_counts))
-        return self._to_samples(parts)
+        return self._to_samples(parts, order, n_batches)
 
     def _gather_online(self, flat: np.ndarray, counts: np.ndarray) -> dict[str, Any]:
         ends = np.cumsum(counts)
@@ -346,29 +377,42 @@ class ChunkReplayBuffer(BaseBuffer):
             "dones": self.offline["dones"][steps],
         }
 
-    def _to_samples(self, parts: list[dict[str, Any]]) -> ChunkReplayBufferSamples:
+    def _to_samples(self, parts: list[dict[str, Any]], order: np.ndarray | None, n_batches: int) -> list[ChunkReplayBufferSamples]:
+        """
+        :param parts: the gathered windows, offline ones first
+        :param order: the rows of the concatenated parts in batch order (None: they are)
+        :param n_batches: into how many batches the rows are split
+        """
+
+        def rows(arrays: list[np.ndarray]) -> np.ndarray:
+            joined = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+            return joined if order is None else joined[order]
+
         def cat(name: str) -> Any:
             if isinstance(parts[0][name], dict):
-                return {k: np.concatenate([p[name][k] for p in parts]) for k in parts[0][name]}
-            return np.concatenate([p[name] for p in parts])
+                return {k: rows([p[name][k] for p in parts]) for k in parts[0][name]}
+            return rows([p[name] for p in parts])
+
+        def split(array: np.ndarray) -> tuple[th.Tensor, ...]:
+            # (the array is a fresh copy that nothing else holds: the tensor may share its memory)
+            return self.to_torch(array, copy=False).chunk(n_batches)
+
+        def split_obs(obs: dict[str, np.ndarray]) -> list[th.Tensor] | list[TensorDict]:
+            if not isinstance(self.observation_space, spaces.Dict):
+                return list(split(obs[_OBS_KEY]))
+            pieces = {k: split(v) for k, v in obs.items()}
+            return [{k: v[i] for k, v in pieces.items()} for i in range(n_batches)]
 
         rewards, masks, valid = window_quantities(cat("rewards"), cat("terminated"), cat("dones"), self.gamma)
-        observations, next_observations = cat("observations"), cat("next_observations")
-        if not isinstance(self.observation_space, spaces.Dict):
-            observations, next_observations = observations[_OBS_KEY], next_observations[_OBS_KEY]
-        return ChunkReplayBufferSamples(
-            observations=self._to_torch_obs(observations),
-            actions=self.to_torch(cat("actions")),
-            next_observations=self._to_torch_obs(next_observations),
-            rewards=self.to_torch(rewards.astype(np.float32)),
-            masks=self.to_torch(masks.astype(np.float32)),
-            valid=self.to_torch(valid),
+        fields = (
+            split_obs(cat("observations")),
+            split(cat("actions")),
+            split_obs(cat("next_observations")),
+            split(rewards.astype(np.float32)),
+            split(masks.astype(np.float32)),
+            split(valid),
         )
-
-    def _to_torch_obs(self, obs: Any) -> th.Tensor | TensorDict:
-        if isinstance(obs, dict):
-            return {k: self.to_torch(v) for k, v in obs.items()}
-        return self.to_torch(obs)
+        return [ChunkReplayBufferSamples(*batch) for batch in zip(*fields)]
 
     def _get_samples(self, batch_inds: np.ndarray, env: VecNormalize | None = None) -> ChunkReplayBufferSamples:
         raise NotImplementedError("Use sample(): windows are drawn by start index, see ChunkReplayBuffer.sample")

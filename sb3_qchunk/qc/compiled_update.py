@@ -68,6 +68,7 @@ class CompiledUpdate:
         self.losses: Callable[..., tuple[th.Tensor, th.Tensor]] | None = None
         self.step: Callable[..., th.Tensor] | None = None
         self._losses_module: _LossesModule | None = None
+        self._name_of: dict[th.Tensor, str] = {}  # the policy's parameters' names (built when one is missing)
 
     def __call__(self, inputs: tuple[Any, ...]) -> th.Tensor:
         """
@@ -109,12 +110,13 @@ class CompiledUpdate:
             ``exp_avg_sq`` and ``step`` tensors; per group its Adam settings
         """
         model = self.model
-        name_of = {param: name for name, param in model.policy.named_parameters()}
         names, tensors, settings = [], [], []
         for optimizer in (model.critic.optimizer, model.actor.optimizer):
             for group in optimizer.param_groups:
                 state = [optimizer.state[param] for param in group["params"]]
-                names += [name_of[param] for param in group["params"]]
+                if any(param not in self._name_of for param in group["params"]):
+                    self._name_of = {param: name for name, param in model.policy.named_parameters()}
+                names += [self._name_of[param] for param in group["params"]]
                 tensors.append(
                     (group["params"], [s["exp_avg"] for s in state], [s["exp_avg_sq"] for s in state], [s["step"] for s in state])
                 )

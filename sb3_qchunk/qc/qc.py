@@ -208,6 +208,9 @@ class QC(OffPolicyAlgorithm):
     long_critic: EnsembleCritic | None
     #: with ``compile_update="auto"``, the planned gradient steps of one run from which the update is compiled
     AUTO_COMPILE_UPDATES: ClassVar[int] = 10_000
+    #: :meth:`train` draws the batches and noise of this many updates at once (at most ``DRAW_BYTES`` of windows)
+    UPDATES_PER_DRAW: ClassVar[int] = 32
+    DRAW_BYTES: ClassVar[int] = 64 * 2**20
     #: the statistics :meth:`_losses` returns, in order (logged as ``train/<name>``; see :attr:`stat_names`)
     STATS: ClassVar[tuple[str, ...]] = ("critic_loss", "actor_loss", "bc_flow_loss", "distill_loss", "q_mean", "q_max", "q_min")
 
@@ -553,7 +556,14 @@ class QC(OffPolicyAlgorithm):
         self.policy.set_training_mode(True)
         self._update_learning_rate([self.actor.optimizer, self.critic.optimizer])
         before = self._training_state()
-        stats = th.stack([self._update(self.replay_buffer.sample(batch_size)) for _ in range(gradient_steps)])
+        # The batches and the noise of several updates are drawn at once (cheaper than one draw per update).
+        group = self._updates_per_draw(batch_size)
+        update_stats = []
+        for first in range(0, gradient_steps, group):
+            n_updates = min(group, gradient_steps - first)
+            batches = self.replay_buffer.sample_batches(batch_size, n_updates)
+            update_stats += [self._update(*inputs) for inputs in zip(batches, self._update_noise(batch_size, n_updates))]
+        stats = th.stack(update_stats)
         # One host sync per train() call, not per gradient step.
         values = stats.cpu().numpy()
         if not np.isfinite(values).all():
@@ -627,17 +637,23 @@ class QC(OffPolicyAlgorithm):
             return replay_data.actions.flatten(1)
         return replay_data.actions[:, 0]
 
-    def _update_noise(self, batch_size: int) -> tuple[th.Tensor, th.Tensor, th.Tensor, th.Tensor]:
+    def _updates_per_draw(self, batch_size: int) -> int:
+        """How many updates :meth:`train` draws the batches of at once: up to ``UPDATES_PER_DRAW`` and ``DRAW_BYTES``."""
+        return max(1, min(self.UPDATES_PER_DRAW, self.DRAW_BYTES // (batch_size * self.replay_buffer.window_nbytes())))
+
+    def _update_noise(self, batch_size: int, n_updates: int = 1) -> list[tuple[th.Tensor, th.Tensor, th.Tensor, th.Tensor]]:
         """
-        All the randomness of one update, drawn eagerly so that the compiled and the eager loss see the same
-        numbers (and inductor's slow CPU randn stays out of the graph): the critic target's sampling noise, the
-        flow-matching noise x0 and times t, and the distillation noise.
+        All the randomness of ``n_updates`` updates (one draw of each kind for all of them), drawn eagerly so that
+        the compiled and the eager loss see the same numbers (and inductor's slow CPU randn stays out of the
+        graph): per update, the critic target's sampling noise, the flow-matching noise x0 and times t, and the
+        distillation noise.
         """
-        chunk_dim = self.policy.chunk_dim
-        target_noise = self.policy.sampling_noise(batch_size)
-        x0 = th.randn(batch_size, chunk_dim, device=self.device)
-        t = th.rand(batch_size, 1, device=self.device)
-        return target_noise, x0, t, th.randn(batch_size, chunk_dim, device=self.device)
+        chunk_dim, n_rows = self.policy.chunk_dim, n_updates * batch_size
+        target_noise = self.policy.sampling_noise(n_rows)
+        x0 = th.randn(n_rows, chunk_dim, device=self.device)
+        t = th.rand(n_rows, 1, device=self.device)
+        distill_noise = th.randn(n_rows, chunk_dim, device=self.device)
+        return list(zip(*(noise.chunk(n_updates) for noise in (target_noise, x0, t, distill_noise))))
 
     def _losses(
         self,
@@ -725,8 +741,15 @@ class QC(OffPolicyAlgorithm):
         """One gradient step of the critic and the actor on ``replay_data``; its statistics by name."""
         return dict(zip(self.stat_names, self._update(replay_data)))
 
-    def _update(self, replay_data: ChunkReplayBufferSamples) -> th.Tensor:
-        """One gradient step of the critic and the actor, then the Polyak update of the target critic."""
+    def _update(
+        self, replay_data: ChunkReplayBufferSamples, noise: tuple[th.Tensor, th.Tensor, th.Tensor, th.Tensor] | None = None
+    ) -> th.Tensor:
+        """
+        One gradient step of the critic and the actor, then the Polyak update of the target critic.
+
+        :param replay_data: the batch
+        :param noise: the update's randomness (:meth:`_update_noise`); None: drawn here
+        """
         batch_size = replay_data.rewards.shape[0]
         inputs = (
             replay_data.observations,
@@ -735,7 +758,7 @@ class QC(OffPolicyAlgorithm):
             replay_data.rewards,
             replay_data.masks,
             replay_data.valid,
-            *self._update_noise(batch_size),
+            *(noise if noise is not None else self._update_noise(batch_size)[0]),
             self.policy.sampling_bf16(batch_size),
         )
         if self._compiling:
