@@ -108,7 +108,7 @@ def compile_options(device: th.device) -> dict[str, Any]:
     best-of-N +9% on 1 thread, -4% to 0% on 2. ``post_grad_custom_post_pass``:
     :class:`sb3_qchunk.common.compile_passes.UnfuseBiasAdd` adds a dense layer's bias in its activation's kernel
     instead of inside the matmul (on a 2-core Intel Xeon, small config: acting 13% faster for best-of-N and 8% for
-    QC-FQL, updates 2% faster). Elsewhere, inductor's defaults.
+    QC-FQL, best-of-N's updates 2% faster, QC-FQL's within the noise). Elsewhere, inductor's defaults.
 
     :param device: the device the compiled code runs on
     """
