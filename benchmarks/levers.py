@@ -11,7 +11,8 @@ A later session can re-check a lever on another machine, or add one, here withou
 Method: every lever gets its own model (same seed, same synthetic buffer as ``throughput.py``); the models take
 turns in timed blocks of updates, and each block's rate is divided by the baseline's rate in the same round. The
 table reports the median of those paired ratios and their quartiles, so a slow moment of the machine hits both
-sides of a ratio. ``baseline-again`` is a second, identical baseline model: its spread is the noise floor.
+sides of a ratio; then the same for the action choice's latency (``predict`` on one observation).
+``baseline-again`` is a second, identical baseline model: its spread is the noise floor.
 
     python benchmarks/levers.py --out benchmarks/results/levers_<machine>.md        # both actors, 1 and 2 threads
     python benchmarks/levers.py --actors distill --threads 2 --rounds 8     # a part
@@ -291,13 +292,27 @@ def measure(actor: str, config: dict, levers: list[str], threads: int, rounds: i
                 start = time.perf_counter()
                 model.train(block, batch_size)
                 rates[name].append(block / (time.perf_counter() - start))
+    # Acting: the chunk choice for one observation (compiled where the lever keeps compile_sampling), in turns too.
+    observation = next(iter(models.values())).observation_space.sample()
+    act_ms: dict[str, list[float]] = {name: [] for name in levers}
+    for name, model in models.items():
+        with LEVERS[name].context():
+            model.predict(observation, deterministic=True)  # compilation
+    for _ in range(rounds):
+        for name, model in models.items():
+            with LEVERS[name].context():
+                start = time.perf_counter()
+                for _ in range(4 * block):
+                    model.predict(observation, deterministic=True)
+                act_ms[name].append((time.perf_counter() - start) / (4 * block) * 1e3)
     rows = []
     for name in levers:
         paired = [rate / base for rate, base in zip(rates[name], rates[levers[0]])]
         q1, _, q3 = statistics.quantiles(paired, n=4) if len(paired) > 1 else (paired[0],) * 3
+        act_paired = statistics.median([ms / base for ms, base in zip(act_ms[name], act_ms[levers[0]])])
         rows.append(
             f"| {actor} | {threads} | {name} | {statistics.median(rates[name]):.2f} | {statistics.median(paired):.3f} | "
-            f"{q1:.3f} | {q3:.3f} |"
+            f"{q1:.3f} | {q3:.3f} | {statistics.median(act_ms[name]):.3f} | {act_paired:.3f} |"
         )
         print(rows[-1], flush=True)
     return rows
@@ -330,10 +345,11 @@ def main() -> None:
     report = [
         *report_header("Speed levers of the compiled fast path, one against the other", "cpu"),
         f"Config: {'smoke' if args.smoke else args.config} ({config['net_arch']}, N={config['num_samples']}, batch {batch_size}); "
-        f"{args.rounds} rounds of {block} updates per lever, the levers taking turns.",
+        f"{args.rounds} rounds of {block} updates per lever, the levers taking turns; then {args.rounds} rounds of "
+        f"{4 * block} action choices (`predict`, one observation, deterministic) per lever, in turns too.",
         "",
-        "| actor | threads | lever | updates/s (median) | / baseline (median of paired ratios) | q1 | q3 |",
-        "|---|---|---|---|---|---|---|",
+        "| actor | threads | lever | updates/s (median) | / baseline (median of paired ratios) | q1 | q3 | predict ms (median) | / baseline |",
+        "|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
         "Levers:",

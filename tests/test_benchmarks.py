@@ -98,6 +98,7 @@ def test_levers_smoke(tmp_path):
     assert [row[2] for row in rows] == levers
     assert float(rows[0][4]) == 1.0  # the baseline against itself
     assert all(float(row[3]) > 0 and float(row[5]) <= float(row[4]) <= float(row[6]) for row in rows)
+    assert float(rows[0][8]) == 1.0 and all(float(row[7]) > 0 for row in rows)  # acting: ms, paired to the baseline
 
 
 def test_levers_compute_the_same_function():

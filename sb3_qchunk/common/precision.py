@@ -107,8 +107,8 @@ def compile_options(device: th.device) -> dict[str, Any]:
     2-core CPU (small config) they gave QC-FQL +11% (2 threads) and +13% (1 thread) over inductor's defaults, and
     best-of-N +9% on 1 thread, -4% to 0% on 2. ``post_grad_custom_post_pass``:
     :class:`sb3_qchunk.common.compile_passes.UnfuseBiasAdd` adds a dense layer's bias in its activation's kernel
-    instead of inside the matmul (on a 2-core Intel Xeon, small config: acting 13% faster for best-of-N and 8% for
-    QC-FQL, best-of-N's updates 2% faster, QC-FQL's within the noise). Elsewhere, inductor's defaults.
+    instead of inside the matmul (on a 2-core Intel Xeon, small config: acting 8% faster for best-of-N and 5% for
+    QC-FQL, best-of-N's updates 2-3% faster, QC-FQL's within the noise). Elsewhere, inductor's defaults.
 
     :param device: the device the compiled code runs on
     """
