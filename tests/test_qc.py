@@ -674,3 +674,26 @@ def test_large_sampling_batches_fuse_linear_gelu_with_the_same_numbers(monkeypat
     plain_chunks, _ = model.predict(obs, deterministic=True)
     assert len(calls) == 10
     np.testing.assert_allclose(fused_chunks, plain_chunks, rtol=0, atol=1e-5)
+
+
+def test_train_draws_several_updates_at_once_within_its_bounds(monkeypatch):
+    """train() draws the batches of up to UPDATES_PER_DRAW updates at once, fewer where DRAW_BYTES of windows would
+    be exceeded, and does exactly the gradient steps asked for (the last draw smaller)."""
+    model = small_qc(chunk_size=2, learning_starts=50, policy_kwargs=dict(net_arch=[16, 16]))
+    model.learn(60)
+    # Pendulum: obs 3 floats, h = 2, action 1: 2 * 12 + 2 * 4 + 4 * (2 + 2) bytes per window
+    assert model.replay_buffer.window_nbytes() == 48
+    assert model._updates_per_draw(64) == 32
+    model.DRAW_BYTES = 48 * 64 * 3 + 1  # three batches of 64 windows fit, four do not
+    assert model._updates_per_draw(64) == 3
+    draws = []
+    sample_batches = model.replay_buffer.sample_batches
+
+    def spy(batch_size, n_batches):
+        draws.append(n_batches)
+        return sample_batches(batch_size, n_batches)
+
+    monkeypatch.setattr(model.replay_buffer, "sample_batches", spy)
+    before = model._n_updates
+    model.train(7, 64)
+    assert draws == [3, 3, 1] and model._n_updates == before + 7
