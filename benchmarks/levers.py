@@ -4,8 +4,8 @@ keep what pays"). The baseline is the shipped fast path (``compile_update``, ``c
 ``sampling_precision="auto"``, inductor options from :func:`sb3_qchunk.common.precision.compile_options`); each lever
 changes one thing on top of it: an inductor option taken back or set otherwise (what the shipped options gain),
 a kernel swapped in the no-gradient path, a global torch switch, the sampling precision, the way the update is
-compiled (``one-graph-update``, ``two-graph-update``), another form of the same function (``rational-gelu``), or,
-measured for speed only, a model change (``tanh-gelu``).
+compiled (``one-graph-update``, ``two-graph-update``), how ``train()`` draws its batches (``per-update-draws``),
+another form of the same function (``rational-gelu``), or, measured for speed only, a model change (``tanh-gelu``).
 A later session can re-check a lever on another machine, or add one, here without touching the library.
 
 Method: every lever gets its own model (same seed, same synthetic buffer as ``throughput.py``); the models take
@@ -209,6 +209,11 @@ LEVERS = {
         "the shipped inductor options without `post_grad_custom_post_pass=UnfuseBiasAdd()` (dense layers' bias added "
         "inside ATen's `addmm` instead of in the activation's kernel)",
         policy_kwargs=dict(compile_options=without("post_grad_custom_post_pass")),
+    ),
+    "per-update-draws": Lever(
+        "`train()` draws each update's batch and noise on its own (`QC.UPDATES_PER_DRAW = 1`) instead of those of up to 32 "
+        "updates at once",
+        apply=lambda model: setattr(model, "UPDATES_PER_DRAW", 1),
     ),
     "max-autotune": Lever(
         "inductor's `max_autotune` with its C++ GEMM template as a candidate beside ATen's (`max_autotune_gemm_backends="
