@@ -412,7 +412,7 @@ def bench_updates(
     fast = has_fast_bf16(th.device(device).type)
     lines = [
         f"Measured matmul throughput (1024^3, best of 5 blocks): fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s; "
-        f"bf16 faster than fp32 on this device (`has_fast_bf16`): {fast} (so `sampling_precision='auto'` = {'bf16' if fast else 'fp32'} for batches of >= 64 observations). "
+        f"bf16 faster than fp32 on this device (`has_fast_bf16`): {fast} (so `sampling_precision='auto'` = {'bf16' if fast else 'fp32'} for batches of >= 64 observations, and for acting where one call's widest layer has >= 2^23 multiply-adds: the paper config's best-of-N). "
         "`compile`: `compile_update=True` (the whole loss, forward and backward, one graph) and `compile_sampling=True` (acting). "
         "`bf16 training`: `training_precision='bfloat16'` (opt-in mixed precision of the gradient path; all other rows "
         "keep it in float32). `start-up s`: the first update and first action choice, each config in a fresh process "
@@ -810,6 +810,10 @@ def main() -> None:
 
     report = [*report_header("Throughput", args.device), ""]
     goals: list[str] = []
+    # The dense layers first, in a process that has not yet built and trained the other sections' models: measured
+    # after them in one run (AMD EPYC Zen 5), every library's layer ran 1.3-3.5x slower than in a process of its own.
+    shapes = [(8, 16, 16), (16, 16, 16)] if args.smoke else MATMUL_SHAPES
+    matmul_lines = bench_matmuls(args.device, args.repeats, paired, shapes) if "matmul" in args.sections else []
     if "updates" in args.sections:
         lines, goals = bench_updates(configs, batch_size, args.repeats, args.device, with_compile=not args.smoke, reference=reference, paired=paired)
         report += [
@@ -849,11 +853,10 @@ def main() -> None:
         dataset_lines = bench_dataset(args.dataset_source, source_size, args.dataset_transitions)
         report += ["## Offline dataset: load time and replay-buffer memory", "", *dataset_lines, ""]
     if "matmul" in args.sections:
-        shapes = [(8, 16, 16), (16, 16, 16)] if args.smoke else MATMUL_SHAPES
         report += [
-            "## One dense layer at the update's shapes, GFLOP/s (the libraries in turns)",
+            "## One dense layer at the update's shapes, GFLOP/s (the libraries in turns; measured first)",
             "",
-            *bench_matmuls(args.device, args.repeats, paired, shapes),
+            *matmul_lines,
             "",
             "Rows: 256 is the gradient path (batch 256), 2048 and 8192 the sampling path (256 observations x N "
             "candidates); 256 and 512 wide: small and paper config. Median of interleaved blocks of ~2 GFLOP each.",

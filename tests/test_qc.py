@@ -15,7 +15,7 @@ from stable_baselines3.common.logger import configure
 from sb3_qchunk import QC, ChunkedActionWrapper
 from sb3_qchunk.common.evaluation import evaluate_success
 from sb3_qchunk.demo import RandomChunks
-from sb3_qchunk.common.precision import AUTO_BF16_MIN_BATCH, has_fast_bf16, has_native_bf16
+from sb3_qchunk.common.precision import AUTO_BF16_MIN_BATCH, AUTO_BF16_MIN_MACS, has_fast_bf16, has_native_bf16
 from sb3_qchunk.qc.policies import aggregate_q
 from sb3_qchunk.common.env_util import wrap_chunked
 from sb3_qchunk.qc.qc import chunked_critic_target
@@ -366,6 +366,22 @@ def test_sampling_precision_setting():
     assert model.policy.sample_chunks(th.zeros(3, 3)).dtype == th.float32
     with pytest.raises(ValueError, match="sampling_precision must be one of"):
         small_qc(policy_kwargs=dict(net_arch=[16, 16], sampling_precision="fp8"))
+
+
+def test_auto_sampling_precision_counts_rows_and_width_when_acting(monkeypatch):
+    monkeypatch.setattr("sb3_qchunk.qc.policies.has_fast_bf16", lambda device_type: True)
+    wide = small_qc(num_samples=32, policy_kwargs=dict(net_arch=dict(pi=[512, 512], qf=[64])))
+    assert wide.policy.sampling_rows(3) == 96
+    assert 1 * 32 * 512**2 == AUTO_BF16_MIN_MACS
+    assert autocast_dtype(wide.policy, batch_size=1) == th.bfloat16  # one observation, 32 candidates, 512 wide
+    narrow = small_qc(num_samples=8, policy_kwargs=dict(net_arch=[256, 256]))
+    assert autocast_dtype(narrow.policy, batch_size=1) == th.float32  # 8 x 256 x 256: the casts cost more
+    assert autocast_dtype(narrow.policy, batch_size=AUTO_BF16_MIN_BATCH) == th.bfloat16
+    distill = small_qc(actor_type="distill", policy_kwargs=dict(net_arch=[512, 512]))
+    assert distill.policy.sampling_rows(3) == 3
+    assert autocast_dtype(distill.policy, batch_size=1) == th.float32  # the one-step actor: one row
+    monkeypatch.setattr("sb3_qchunk.qc.policies.has_fast_bf16", lambda device_type: False)
+    assert autocast_dtype(wide.policy, batch_size=1) == autocast_dtype(wide.policy) == th.float32
 
 
 @pytest.mark.parametrize("native", [True, False])

@@ -13,6 +13,11 @@ TRAINING_PRECISIONS = ("float32", "bfloat16")
 # "auto" samples in bf16 from this many observations per call: below it (acting in one env) the casts cost more
 # than the matmuls save (measured: best-of-8 for one observation, 256x256, 1.3 ms fp32 against 2.2 ms bf16).
 AUTO_BF16_MIN_BATCH = 64
+# ... and, however few the observations, from this many multiply-adds per call of the networks' widest layer
+# (rows x width x width; rows = observations x candidates): acting with best-of-32 over 4x512 networks (32 x 512 x 512
+# = 2^23) took 0.68x the time in bf16 (compiled; eager 0.73x) on a 2-core AMD EPYC Zen 5, where best-of-8 over
+# 256x256 (8 x 256 x 256 = 2^19) took 2.1x (eager 1.9x).
+AUTO_BF16_MIN_MACS = 2**23
 # Below this many rows per layer, eager float32 sampling on a CPU runs with oneDNN off: torch's CPU GELU goes through
 # a oneDNN primitive whose set-up dominates small tensors (measured on a 2-core AMD EPYC Zen 4, torch 2.13: an
 # (8, 256) GELU 21-73 us with oneDNN against 4 us without; (256, 256) about even; (2048, 256) oneDNN faster), and

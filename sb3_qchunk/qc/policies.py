@@ -19,6 +19,7 @@ from torch import nn
 
 from sb3_qchunk.common.precision import (
     AUTO_BF16_MIN_BATCH,
+    AUTO_BF16_MIN_MACS,
     ONEDNN_MIN_ROWS,
     SAMPLING_PRECISIONS,
     TRAINING_PRECISIONS,
@@ -300,7 +301,8 @@ class QCPolicy(BasePolicy):
     :param sampling_precision: precision of the no-gradient sampling path (flow integration of the N
         candidate chunks, their critic scores, the distillation target): "bfloat16" (autocast; master weights,
         losses and gradients stay float32), "float32", or "auto" = bfloat16 where bf16 matmuls are faster than
-        float32 on the device (:func:`has_fast_bf16`) and batches of at least ``AUTO_BF16_MIN_BATCH`` observations, float32 elsewhere
+        float32 on the device (:func:`has_fast_bf16`) and batches of at least ``AUTO_BF16_MIN_BATCH`` observations or
+        ``AUTO_BF16_MIN_MACS`` multiply-adds per call of the widest layer (acting with large networks), float32 elsewhere
     :param training_precision: precision of the gradient path (the losses' forward and backward): "float32"
         (default), or "bfloat16" for mixed precision: bf16 autocast over the networks, with float32 master weights,
         optimizer state, loss arithmetic and critic output layer. Opt-in: it changes the numerics of learning;
@@ -383,6 +385,7 @@ class QCPolicy(BasePolicy):
         else:
             actor_arch, critic_arch = list(net_arch), list(net_arch)
         self.net_arch = net_arch
+        self.widest_layer = max(actor_arch + critic_arch, default=0)  # decides "auto" sampling precision with the rows per call
         self.actor_arch, self.critic_arch = actor_arch, critic_arch
         self.activation_fn = activation_fn
         self.actor_type = actor_type
@@ -488,15 +491,22 @@ class QCPolicy(BasePolicy):
     def sampling_bf16(self, batch_size: int) -> bool:
         """
         Whether the no-gradient sampling path runs in bfloat16 autocast: when ``sampling_precision`` says so, or it
-        is "auto", bf16 is faster than float32 on the device and the batch has at least ``AUTO_BF16_MIN_BATCH`` observations (the
-        critic target, the distillation target; not acting in a few envs). Results are cast back to float32 by the
-        callers, so the gradient path never sees bf16 tensors.
+        is "auto", bf16 is faster than float32 on the device, and the batch has at least ``AUTO_BF16_MIN_BATCH``
+        observations (the critic target, the distillation target) or its rows (:meth:`sampling_rows`) times the square
+        of the networks' widest layer reach ``AUTO_BF16_MIN_MACS`` (acting with large networks; not acting with small
+        ones in a few envs). Results are cast back to float32 by the callers, so the gradient path never sees bf16
+        tensors.
 
         :param batch_size: number of observations the sampling is for
         """
         if self.sampling_precision == "auto":
-            return has_fast_bf16(self.device.type) and batch_size >= AUTO_BF16_MIN_BATCH
+            large = batch_size >= AUTO_BF16_MIN_BATCH or self.sampling_rows(batch_size) * self.widest_layer**2 >= AUTO_BF16_MIN_MACS
+            return large and has_fast_bf16(self.device.type)
         return self.sampling_precision == "bfloat16"
+
+    def sampling_rows(self, batch_size: int) -> int:
+        """Rows per layer of a chunk choice for ``batch_size`` observations: observations times candidates (best-of-N)."""
+        return batch_size * (self.num_samples if self.actor_type == "best_of_n" else 1)
 
     def bf16_autocast(self, enabled: bool) -> th.autocast:
         """bfloat16 autocast on the policy's device if ``enabled``, else a disabled autocast (float32 stays float32)."""
@@ -580,9 +590,11 @@ class QCPolicy(BasePolicy):
         as when acting in a few envs, where oneDNN's GELU costs several times its arithmetic. The numbers differ by
         float rounding only (GELU within ~1e-6).
         """
-        rows = batch_size * (self.num_samples if self.actor_type == "best_of_n" else 1)
         return (
-            self.device.type == "cpu" and not self.compile_sampling and not self.sampling_bf16(batch_size) and rows < ONEDNN_MIN_ROWS
+            self.device.type == "cpu"
+            and not self.compile_sampling
+            and not self.sampling_bf16(batch_size)
+            and self.sampling_rows(batch_size) < ONEDNN_MIN_ROWS
         )
 
     def forward(self, obs: PyTorchObs, deterministic: bool = False) -> th.Tensor:
