@@ -385,7 +385,6 @@ class QCPolicy(BasePolicy):
         else:
             actor_arch, critic_arch = list(net_arch), list(net_arch)
         self.net_arch = net_arch
-        self.widest_layer = max(actor_arch + critic_arch, default=0)  # decides "auto" sampling precision with the rows per call
         self.actor_arch, self.critic_arch = actor_arch, critic_arch
         self.activation_fn = activation_fn
         self.actor_type = actor_type
@@ -503,6 +502,11 @@ class QCPolicy(BasePolicy):
             large = batch_size >= AUTO_BF16_MIN_BATCH or self.sampling_rows(batch_size) * self.widest_layer**2 >= AUTO_BF16_MIN_MACS
             return large and has_fast_bf16(self.device.type)
         return self.sampling_precision == "bfloat16"
+
+    @property
+    def widest_layer(self) -> int:
+        """The largest hidden layer of the actor and critic networks (with the rows, it decides "auto" for acting)."""
+        return max(self.actor_arch + self.critic_arch, default=0)
 
     def sampling_rows(self, batch_size: int) -> int:
         """Rows per layer of a chunk choice for ``batch_size`` observations: observations times candidates (best-of-N)."""
