@@ -38,7 +38,8 @@ from throughput import ACTORS, CONFIGS, SMOKE_CONFIG, make_qc, report_header, wr
 
 from sb3_qchunk import QC
 from sb3_qchunk.common import torch_layers
-from sb3_qchunk.common.precision import compile_options
+from sb3_qchunk.common.compile_passes import OneDNNMatmuls
+from sb3_qchunk.common.precision import compile_options, prefers_onednn_float32_matmuls
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -289,9 +290,13 @@ LEVERS = {
         for threshold in (2, 8)
     },
     "no-unfuse-bias": Lever(
-        "the shipped inductor options without `post_grad_custom_post_pass=UnfuseBiasAdd()` (dense layers' bias added "
-        "inside ATen's `addmm` instead of in the activation's kernel)",
-        policy_kwargs=dict(compile_options=without("post_grad_custom_post_pass")),
+        "the shipped inductor options without `UnfuseBiasAdd` (dense layers' bias added inside ATen's `addmm` instead of "
+        "in the activation's kernel; `OneDNNMatmuls` kept where shipped)",
+        policy_kwargs=dict(
+            compile_options=dict(SHIPPED, post_grad_custom_post_pass=OneDNNMatmuls())
+            if prefers_onednn_float32_matmuls()
+            else without("post_grad_custom_post_pass")
+        ),
     ),
     "per-update-draws": Lever(
         "`train()` draws each update's batch and noise on its own (`QC.UPDATES_PER_DRAW = 1`) instead of those of up to 32 "
@@ -350,6 +355,18 @@ LEVERS = {
         "two_graphs",
         apply=use_onednn_dense,
         needs_mkldnn=True,
+    ),
+    "onednn-matmuls": Lever(
+        "large float32 matmuls of the compiled graphs (forward and backward; every dimension >= 128) by oneDNN instead of "
+        "ATen's (MKL's): `compile_options(cpu, onednn_matmuls=True)` (`OneDNNMatmuls` after `UnfuseBiasAdd`; the "
+        "default where `prefers_onednn_float32_matmuls()`)",
+        policy_kwargs=dict(compile_options=compile_options(th.device("cpu"), onednn_matmuls=True)),
+        needs_mkldnn=True,
+    ),
+    "no-onednn-matmuls": Lever(
+        "float32 matmuls all ATen's (MKL's): `compile_options(cpu, onednn_matmuls=False)` (the default where not "
+        "`prefers_onednn_float32_matmuls()`)",
+        policy_kwargs=dict(compile_options=compile_options(th.device("cpu"), onednn_matmuls=False)),
     ),
     "tanh-gelu": Lever("tanh-approximated GELU (the reference's activation, `jax.nn.gelu`) instead of erf GELU", apply=use_tanh_gelu),
     "rational-gelu": Lever(

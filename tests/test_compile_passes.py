@@ -3,7 +3,8 @@ import torch as th
 from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from sb3_qchunk.common.compile_passes import UnfuseBiasAdd
+from sb3_qchunk.common import precision
+from sb3_qchunk.common.compile_passes import ChainedPasses, OneDNNMatmuls, UnfuseBiasAdd
 from sb3_qchunk.common.precision import compile_options
 
 aten = th.ops.aten
@@ -36,7 +37,8 @@ def test_unfuse_bias_add_splits_only_addmms_read_by_pointwise_ops():
 def test_compiled_layers_with_the_pass_agree_with_eager(grad):
     """The shipped CPU compile options (the pass included) give the eager MLP's outputs and gradients."""
     options = compile_options(th.device("cpu"))
-    assert isinstance(options["post_grad_custom_post_pass"], UnfuseBiasAdd)
+    graph_pass = options["post_grad_custom_post_pass"]
+    assert isinstance(graph_pass, ChainedPasses if precision.prefers_onednn_float32_matmuls() else UnfuseBiasAdd)
     assert compile_options(th.device("cpu")) == options  # equal options: models share one backend's compiled code
     th.manual_seed(0)
     net = nn.Sequential(nn.Linear(12, 32), nn.GELU(), nn.Linear(32, 32), nn.LayerNorm(32), nn.GELU(), nn.Linear(32, 4))
@@ -50,3 +52,57 @@ def test_compiled_layers_with_the_pass_agree_with_eager(grad):
         want_grads = th.autograd.grad(want.square().sum(), list(net.parameters()))
         for g, w in zip(got_grads, want_grads):
             th.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+needs_onednn = pytest.mark.skipif(not th.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+
+@needs_onednn
+def test_onednn_matmuls_rewrites_the_large_float32_matmuls_only():
+    """Large float32 mm, addmm (1-d bias) and bmm become oneDNN linears (one per bmm member); a thin matmul, a bf16 one
+    and an addmm with a 2-d bias stay ATen's; the graph computes the same values."""
+
+    def layers(x, w, b, e, thin, xb, wb, b2):
+        hidden = th.mm(x, w)  # 128 x 160 x 144
+        biased = th.addmm(b, x, w)
+        members = th.bmm(hidden.expand(2, -1, -1), e)  # 2 x (128 x 144 x 136)
+        narrow = th.mm(hidden, thin)  # 144 -> 5: stays
+        low = th.mm(xb, wb)  # bf16: stays
+        full_bias = th.addmm(b2, x, w)  # (128, 144) bias: stays
+        return hidden, biased, members, narrow, low, full_bias
+
+    x, w, b, e = th.randn(128, 160), th.randn(160, 144), th.randn(144), th.randn(2, 144, 136)
+    args = (x, w, b, e, th.randn(144, 5), x.bfloat16(), w.bfloat16(), th.randn(128, 144))
+    graph_module = make_fx(layers, tracing_mode="fake")(*args)
+    OneDNNMatmuls()(graph_module.graph)
+    graph_module.recompile()
+    found = targets(graph_module.graph)
+    assert found.count(th.ops.sb3_qchunk.onednn_linear.default) == 4
+    assert found.count(aten.mm.default) == 2 and found.count(aten.addmm.default) == 1 and aten.bmm.default not in found
+    for got, want in zip(graph_module(*args), layers(*args)):
+        th.testing.assert_close(got, want, rtol=1e-4, atol=1e-3 if got.dtype == th.bfloat16 else 1e-4)
+
+
+def test_onednn_matmuls_setting_and_rule(monkeypatch):
+    """``onednn_matmuls`` chains the oneDNN pass after UnfuseBiasAdd; by default only AMD CPUs from Zen 5 (family 26)
+    whose ATen kernels run AVX-512 get it; options compare equal (one compiled backend for equal settings)."""
+    if th.backends.mkldnn.is_available():
+        options = compile_options(th.device("cpu"), onednn_matmuls=True)
+        assert options["post_grad_custom_post_pass"] == ChainedPasses(UnfuseBiasAdd(), OneDNNMatmuls())
+        assert options == compile_options(th.device("cpu"), onednn_matmuls=True)
+    assert compile_options(th.device("cpu"), onednn_matmuls=False)["post_grad_custom_post_pass"] == UnfuseBiasAdd()
+    cases = [
+        ("AuthenticAMD", 26, "AVX512", True),  # Zen 5
+        ("AuthenticAMD", 25, "AVX512", False),  # Zen 4
+        ("AuthenticAMD", 26, "AVX2", False),
+        ("GenuineIntel", 6, "AVX512", False),
+        ("AuthenticAMD", None, "AVX512", False),  # family unknown
+    ]
+    for vendor, family, capability, expected in cases:
+        monkeypatch.setattr(precision, "cpu_vendor", lambda: vendor)
+        monkeypatch.setattr(precision, "cpu_family", lambda: family)
+        monkeypatch.setattr(th.backends.cpu, "get_cpu_capability", lambda: capability)
+        precision.prefers_onednn_float32_matmuls.cache_clear()
+        assert precision.prefers_onednn_float32_matmuls() == (expected and th.backends.mkldnn.is_available())
+    monkeypatch.undo()
+    precision.prefers_onednn_float32_matmuls.cache_clear()

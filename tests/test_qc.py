@@ -453,6 +453,31 @@ def test_compiled_update_matches_eager(actor_type):
         np.testing.assert_allclose(compiled.policy.state_dict()[name].numpy(), param.numpy(), atol=1e-5, err_msg=name)
 
 
+@pytest.mark.skipif(not th.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize("actor_type", ["best_of_n", "distill"])
+def test_compiled_update_with_onednn_matmuls_matches_eager(actor_type):
+    """With ``compile_options(onednn_matmuls=True)`` the compiled update (one graph for QC-FQL, two for best-of-N) runs
+    its large float32 matmuls by oneDNN and computes the eager update: same statistics, same weights after two steps."""
+    from sb3_qchunk.common.precision import compile_options
+
+    net = dict(net_arch=[128, 128], sampling_precision="float32")
+    kwargs = dict(chunk_size=3, actor_type=actor_type, num_samples=2, batch_size=128, learning_starts=128)
+    eager = small_qc(**kwargs, policy_kwargs=net)
+    eager.learn(200)
+    options = compile_options(th.device("cpu"), onednn_matmuls=True)
+    compiled = small_qc(**kwargs, compile_update=True, policy_kwargs=dict(net, compile_options=options))
+    compiled.policy.load_state_dict(eager.policy.state_dict())
+    compiled.actor.optimizer.load_state_dict(copy.deepcopy(eager.actor.optimizer.state_dict()))
+    compiled.critic.optimizer.load_state_dict(copy.deepcopy(eager.critic.optimizer.state_dict()))
+    data = eager.replay_buffer.sample(128)
+    with th.profiler.profile(activities=[th.profiler.ProfilerActivity.CPU]) as profile:
+        for _ in range(2):
+            assert_same_step_stats(eager, compiled, data, rel=1e-4, abs=1e-5)
+    assert any(event.key == "sb3_qchunk::onednn_linear" for event in profile.key_averages())
+    for name, param in eager.policy.state_dict().items():
+        np.testing.assert_allclose(compiled.policy.state_dict()[name].numpy(), param.numpy(), atol=1e-5, err_msg=name)
+
+
 def test_one_graph_update_follows_new_optimizer_state_and_learning_rate():
     """
     QC-FQL's compiled one-graph update reads the optimizers' state and settings at each call: after its compilation,
