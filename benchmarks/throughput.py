@@ -64,7 +64,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from sb3_qchunk import QC, ChunkedActionWrapper
-
+from sb3_qchunk.common.compile_passes import ChainedPasses, OneDNNMatmuls
 from sb3_qchunk.common.precision import compile_options, has_fast_bf16
 from sb3_qchunk.datasets import load_ogbench_npz
 
@@ -297,18 +297,42 @@ class MatmulFloor:
     times in a row (so its inputs are in cache, as they may be in the update: the floor is a lower bound).
     They are recorded in one eager update of ``model`` (which it changes by that update): pass an eager model with
     the settings (actor, sampling and training precision) of the path whose floor is wanted. Compiled code calls the
-    same matmuls (inductor may fold a thin one into a generated kernel), so an eager twin stands for a compiled row.
+    same matmuls (inductor may fold a thin one into a generated kernel), so an eager twin stands for a compiled row;
+    ``onednn``: the compiled row's :class:`OneDNNMatmuls` pass, whose matmuls are replayed as it runs them (oneDNN's
+    linear, one call per ``bmm`` member).
 
     :param model: an eager QC model with data in its buffer
+    :param onednn: the pass of the compiled code the floor stands for, or None
     """
 
-    def __init__(self, model: QC) -> None:
+    def __init__(self, model: QC, onednn: OneDNNMatmuls | None = None) -> None:
         recorder = _MatmulRecorder()
         with recorder:
             model.train(1, model.batch_size)
         device = model.device
-        self.calls = [(func, [self._tensor(a, device) for a in layouts], kwargs) for func, layouts, kwargs in recorder.calls]
+        self.calls: list[tuple[Any, list[Any], dict[str, Any]]] = []
+        for func, layouts, kwargs in recorder.calls:
+            args = [self._tensor(a, device) for a in layouts]
+            rewritten = onednn is not None and self._rewritten(onednn, func, args, kwargs)
+            self.calls.append(self._onednn_call(func, args) if rewritten else (func, args, kwargs))
         self.device = device
+
+    @staticmethod
+    def _rewritten(onednn: OneDNNMatmuls, func: Any, args: list[Any], kwargs: dict[str, Any]) -> bool:
+        """Whether ``onednn`` runs this call by oneDNN (what its graph rewrite checks, on the recorded tensors)."""
+        if func is th.ops.aten.addmm.default:
+            plain = kwargs.get("beta", 1) == 1 and kwargs.get("alpha", 1) == 1 and len(args) == 3
+            return plain and args[0].dim() == 1 and onednn.applies(args[1], args[2])
+        return func in (th.ops.aten.mm.default, th.ops.aten.bmm.default) and onednn.applies(args[-2], args[-1])
+
+    @staticmethod
+    def _onednn_call(func: Any, args: list[Any]) -> tuple[Any, list[Any], dict[str, Any]]:
+        linear = th.ops.sb3_qchunk.onednn_linear.default
+        if func is th.ops.aten.bmm.default:
+            a, b = args
+            return (lambda a, b: [linear(a[i], b[i].t(), None) for i in range(a.shape[0])]), [a, b], {}
+        bias, (a, b) = (args[0] if func is th.ops.aten.addmm.default else None), args[-2:]
+        return linear, [a, b.t(), bias], {}
 
     @staticmethod
     def _tensor(layout: Any, device: th.device) -> Any:
@@ -457,6 +481,13 @@ def with_empty_inductor_cache(function: Callable[..., Any], *args: Any) -> Any:
         return function(*args)
 
 
+def onednn_pass(model: QC) -> OneDNNMatmuls | None:
+    """The :class:`OneDNNMatmuls` pass of the model's compile options (the policy's ``inductor_options()``), if any."""
+    graph_pass = model.policy.inductor_options().get("post_grad_custom_post_pass")
+    passes = graph_pass.passes if isinstance(graph_pass, ChainedPasses) else (graph_pass,)
+    return next((p for p in passes if isinstance(p, OneDNNMatmuls)), None)
+
+
 def bench_config(
     name: str,
     config: dict[str, Any],
@@ -492,15 +523,17 @@ def bench_config(
             model.predict(np.zeros(OBS_DIM, dtype=np.float32))
             key = (actor, precision, compiled, training)
             models[key], startup[key] = model, time.perf_counter() - start
-    # The matmul floor of each (actor, sampling precision, training precision), recorded on an eager model of those
-    # settings (the row's own, or a twin for compiled rows).
-    floors: dict[tuple[str, str, str], MatmulFloor] = {}
+    # The matmul floor of each (actor, sampling precision, training precision, oneDNN pass), recorded on an eager model
+    # of those settings (the row's own, or a twin for compiled rows); compiled rows whose compile options run large
+    # float32 matmuls by oneDNN (OneDNNMatmuls) get a floor of their own that replays them so.
+    floors: dict[tuple[str, str, str, bool], MatmulFloor] = {}
     for actor, precision, compiled, training in sorted(models, key=lambda key: key[2]):  # eager models first
-        if (actor, precision, training) not in floors:
+        onednn = onednn_pass(models[actor, precision, compiled, training]) if compiled else None
+        if (actor, precision, training, onednn is not None) not in floors:
             twin = models[actor, precision, compiled, training] if not compiled else make_qc(
                 actor, config["net_arch"], config["num_samples"], batch_size, precision, device, False, training
             )
-            floors[actor, precision, training] = MatmulFloor(twin)
+            floors[actor, precision, training, onednn is not None] = MatmulFloor(twin, onednn)
     jobs: dict[str, tuple[Callable[[int], Any], int]] = {"sac": (lambda n, m=sac: m.train(n, batch_size), config["sac_updates"])}
     for key, model in models.items():
         jobs[str(key)] = (lambda n, m=model: m.train(n, batch_size), config["n_updates"])
@@ -539,7 +572,8 @@ def bench_config(
         issue_reference = REFERENCE.get(name, (None, None))[actor == "distill"]
         ref_ratio = f"{issue_reference / REFERENCE_SAC_SMALL:.2f}" if issue_reference is not None and name == "small" else "-"
         here = reference.get(actor)  # the reference measured on this machine (--reference), if given
-        floor_rate = rates[f"floor {(actor, precision, training)}"]  # matmul-only updates per second
+        floor_key = (actor, precision, training, compiled and onednn_pass(model) is not None)
+        floor_rate = rates[f"floor {floor_key}"]  # matmul-only updates per second
         label = "fp32" if precision == "float32" else ("auto: bf16" if fast else "auto: fp32")
         label += " + compile" if compiled else ""
         label += " + bf16 training" if training == "bfloat16" else ""
@@ -833,7 +867,8 @@ def main() -> None:
             "measured matmul throughput (the gradient path's precision for its FLOPs, the sampling path's for its own) "
             "over the time it took. `matmul floor ms`: the update's own matmuls (shapes, layouts and precisions recorded "
             "in one eager update of the row's actor and precisions) replayed alone on random data, each one several times "
-            "in a row with its inputs in cache, in the same interleaved blocks: a lower bound of the update's time if "
+            "in a row with its inputs in cache, in the same interleaved blocks (for compiled rows whose compile options "
+            "run large float32 matmuls by oneDNN, `OneDNNMatmuls`, those replayed by oneDNN): a lower bound of the update's time if "
             "everything else were free. `QC / reference at the floor`: the "
             "reference's time per update over that floor, the highest ratio the path can reach with these matmuls.",
             "",

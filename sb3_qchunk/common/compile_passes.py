@@ -110,11 +110,14 @@ class OneDNNMatmuls(CustomGraphPass):
     def __init__(self, min_dim: int = 128) -> None:
         self.min_dim = min_dim
 
-    def _rewritable(self, a: Any, b: Any) -> bool:
-        values = [node.meta.get("val") if isinstance(node, th.fx.Node) else None for node in (a, b)]
-        if not all(isinstance(v, th.Tensor) and v.dtype == th.float32 and v.device.type == "cpu" for v in values):
+    def applies(self, a: Any, b: Any) -> bool:
+        """Whether the matmul of ``a`` and ``b`` (tensors: 2-d, or 3-d for ``bmm``) is one the pass rewrites."""
+        if not all(isinstance(v, th.Tensor) and v.dtype == th.float32 and v.device.type == "cpu" for v in (a, b)):
             return False
-        return min(values[0].shape[-2], values[0].shape[-1], values[1].shape[-1]) >= self.min_dim
+        return min(a.shape[-2], a.shape[-1], b.shape[-1]) >= self.min_dim
+
+    def _rewritable(self, a: Any, b: Any) -> bool:
+        return all(isinstance(node, th.fx.Node) for node in (a, b)) and self.applies(a.meta.get("val"), b.meta.get("val"))
 
     def __call__(self, graph: th.fx.Graph) -> None:
         def add(target: Any, args: tuple[Any, ...], value: th.Tensor) -> th.fx.Node:
