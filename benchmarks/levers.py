@@ -28,7 +28,6 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch as th
 import torch.nn.functional as F
@@ -161,89 +160,6 @@ def linear_gelu_threshold(min_macs: int | None) -> Iterator[None]:
         torch_layers.FUSED_LINEAR_GELU_MIN_MACS = previous
 
 
-# float32 dense layers through oneDNN, forward and backward: an op of its own (an extern call to inductor, like ATen's
-# matmuls) differentiated by OneDNNLinearFunction. A torch.library.custom_op with register_autograd would be simpler,
-# but torch 2.13 runs neither it nor an autograd.Function's own backward under torch.func.grad: eager func.grad
-# refuses the custom op, and compiled func.grad differentiates an autograd.Function's forward instead of calling its
-# backward (wrong gradients through an opaque op). So the lever runs with the two-graph update, for either actor.
-_ONEDNN_LIB = th.library.Library("sb3_qchunk_levers_onednn", "DEF")
-_ONEDNN_LIB.define("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
-_ONEDNN_LIB.impl("linear", lambda x, weight, bias: th.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], ""), "CPU")
-_ONEDNN_LIB.impl("linear", th.library.fallthrough_kernel, "Autograd")  # differentiated by OneDNNLinearFunction
-
-
-@th.library.register_fake("sb3_qchunk_levers_onednn::linear")
-def _(x: th.Tensor, weight: th.Tensor, bias: th.Tensor | None) -> th.Tensor:
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-class OneDNNLinearFunction(th.autograd.Function):
-    """``x @ weight.T + bias`` in float32 by oneDNN; its backward's two matmuls by oneDNN too (strided views, no copies)."""
-
-    @staticmethod
-    def forward(x: th.Tensor, weight: th.Tensor, bias: th.Tensor | None) -> th.Tensor:
-        return th.ops.sb3_qchunk_levers_onednn.linear(x, weight, bias)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        x, weight, bias = inputs
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-
-    @staticmethod
-    def backward(ctx, grad: th.Tensor) -> tuple[th.Tensor | None, ...]:
-        x, weight = ctx.saved_tensors
-        linear = th.ops.sb3_qchunk_levers_onednn.linear
-        rows, x_rows = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
-        grad_x = linear(rows, weight.t(), None).view(x.shape) if ctx.needs_input_grad[0] else None
-        grad_weight = linear(rows.t(), x_rows.t(), None) if ctx.needs_input_grad[1] else None
-        grad_bias = rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_weight, grad_bias
-
-
-def onednn_applies(x: th.Tensor) -> bool:
-    """float32 outside autocast (bf16 matmuls are oneDNN's already), 64 rows or more (not acting)."""
-    return x.dtype == th.float32 and not th.is_autocast_enabled("cpu") and x.numel() // x.shape[-1] >= 64
-
-
-class OneDNNLinear(nn.Linear):
-    """``nn.Linear`` through :class:`OneDNNLinearFunction` where :func:`onednn_applies`."""
-
-    def forward(self, x: th.Tensor) -> th.Tensor:
-        if not onednn_applies(x):
-            return super().forward(x)
-        return OneDNNLinearFunction.apply(x, self.weight, self.bias)
-
-
-class OneDNNEnsembleLinear(torch_layers.EnsembleLinear):
-    """:class:`EnsembleLinear` as one oneDNN call per member (weights ``(K, in, out)``: member k's ``.t()``)."""
-
-    def forward(self, x: th.Tensor) -> th.Tensor:
-        if not onednn_applies(x):
-            return super().forward(x)
-        members = [
-            OneDNNLinearFunction.apply(x if x.dim() == 2 else x[k], self.weight[k].t(), None if self.bias is None else self.bias[k, 0])
-            for k in range(self.weight.shape[0])
-        ]
-        return th.stack(members)
-
-
-def use_onednn_dense(model: QC) -> None:
-    """Every dense layer of the policy (flow, one-step actor, critics) runs float32 through oneDNN where it applies: each
-    replaced by the subclass above holding the same parameters (the optimizers keep stepping them)."""
-    for module in list(model.policy.modules()):
-        for name, child in module.named_children():
-            if type(child) is nn.Linear:
-                new = OneDNNLinear(child.in_features, child.out_features, bias=child.bias is not None)
-            elif type(child) is torch_layers.EnsembleLinear:
-                n_members, in_features, out_features = child.weight.shape
-                new = OneDNNEnsembleLinear(n_members, in_features, out_features, bias=child.bias is not None)
-            else:
-                continue
-            new.weight, new.bias = child.weight, child.bias
-            setattr(module, name, new)
-
-
 @dataclass
 class Lever:
     """
@@ -347,14 +263,6 @@ LEVERS = {
         "`compile_update='two_graphs'`: the losses as a forward and a backward graph, `Optimizer.step` and Polyak update "
         "in Python, for either actor",
         "two_graphs",
-    ),
-    "onednn-dense": Lever(
-        "float32 dense layers of the gradient path (and of float32 sampling) through oneDNN's linear, forward and both "
-        "backward matmuls, instead of ATen's (MKL's on x86), with `compile_update='two_graphs'` for either actor (see "
-        "`OneDNNLinearFunction`; compare with `two-graph-update`)",
-        "two_graphs",
-        apply=use_onednn_dense,
-        needs_mkldnn=True,
     ),
     "onednn-matmuls": Lever(
         "large float32 matmuls of the compiled graphs (forward and backward; every dimension >= 128) by oneDNN instead of "

@@ -401,15 +401,16 @@ def bench_matmuls(device: str, repeats: int, paired: tuple[str, Path] | None, sh
     return lines
 
 
-def matmul_peak(dtype: th.dtype, device: str, size: int = 1024, repeats: int = 20) -> float:
-    """Measured GFLOP/s of a square matmul in ``dtype`` (the best of a few timed blocks)."""
+def matmul_peak(dtype: th.dtype, device: str, size: int = 1024, repeats: int = 20, onednn: bool = False) -> float:
+    """Measured GFLOP/s of a square matmul in ``dtype`` (the best of a few timed blocks): ATen's, or with ``onednn``
+    oneDNN's linear as :class:`OneDNNMatmuls` runs it (CPU, float32)."""
     a = th.randn(size, size, device=device, dtype=dtype)
     b = th.randn(size, size, device=device, dtype=dtype)
     best = 0.0
     for _ in range(5):
         start = time.perf_counter()
         for _ in range(repeats):
-            c = a @ b
+            c = th.ops.sb3_qchunk.onednn_linear(a, b.t(), None) if onednn else a @ b
         float(c[0, 0])  # waits for the device
         best = max(best, 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9)
     return best
@@ -433,9 +434,18 @@ def bench_updates(
     """
     peak32 = matmul_peak(th.float32, device)
     peak16 = matmul_peak(th.bfloat16, device)
+    # oneDNN's float32 rate: the bound of compiled rows whose compile options run large float32 matmuls by oneDNN.
+    onednn = device == "cpu" and th.backends.mkldnn.is_available()
+    peak32_onednn = matmul_peak(th.float32, device, onednn=True) if onednn else peak32
     fast = has_fast_bf16(th.device(device).type)
+    onednn_text = (
+        f", fp32 by oneDNN's linear {peak32_onednn:.0f} GFLOP/s (the bound's float32 rate for compiled rows that run large "
+        f"float32 matmuls by oneDNN: here {'yes' if onednn_pass_by_default(device) else 'no'} by default, `OneDNNMatmuls`)"
+        if onednn
+        else ""
+    )
     lines = [
-        f"Measured matmul throughput (1024^3, best of 5 blocks): fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s; "
+        f"Measured matmul throughput (1024^3, best of 5 blocks): fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s{onednn_text}; "
         f"bf16 faster than fp32 on this device (`has_fast_bf16`): {fast} (so `sampling_precision='auto'` = {'bf16' if fast else 'fp32'} for batches of >= 64 observations, and for acting where one call's widest layer has >= 2^23 multiply-adds: the paper config's best-of-N). "
         "`compile`: `compile_update=True` (the whole loss, forward and backward, one graph) and `compile_sampling=True` (acting). "
         "`bf16 training`: `training_precision='bfloat16'` (opt-in mixed precision of the gradient path; all other rows "
@@ -463,6 +473,7 @@ def bench_updates(
                 with_compile,
                 peak32,
                 peak16,
+                peak32_onednn,
                 (reference or {}).get(name, {}),
                 paired,
             ).result()
@@ -481,6 +492,14 @@ def with_empty_inductor_cache(function: Callable[..., Any], *args: Any) -> Any:
         return function(*args)
 
 
+def onednn_pass_by_default(device: str) -> bool:
+    """Whether the default compile options of ``device`` run large float32 matmuls by oneDNN (:class:`OneDNNMatmuls`)."""
+    graph_pass = compile_options(th.device(device)).get("post_grad_custom_post_pass")
+    return isinstance(graph_pass, OneDNNMatmuls) or (
+        isinstance(graph_pass, ChainedPasses) and any(isinstance(p, OneDNNMatmuls) for p in graph_pass.passes)
+    )
+
+
 def onednn_pass(model: QC) -> OneDNNMatmuls | None:
     """The :class:`OneDNNMatmuls` pass of the model's compile options (the policy's ``inductor_options()``), if any."""
     graph_pass = model.policy.inductor_options().get("post_grad_custom_post_pass")
@@ -497,6 +516,7 @@ def bench_config(
     with_compile: bool,
     peak32: float,
     peak16: float,
+    peak32_onednn: float,
     reference: dict[str, float],
     paired: tuple[str, Path] | None = None,
 ) -> tuple[list[str], list[str]]:
@@ -566,8 +586,9 @@ def bench_config(
         latency = 1000 / act_rates[str((actor, precision, compiled, training))]
         reference_latency = 1000 / act_rates[f"reference {actor}"] if worker is not None else None
         flops, sampling_flops = counted[actor]
-        sampling_peak = peak16 if precision == "auto" and fast else peak32
-        training_peak = peak16 if training == "bfloat16" else peak32
+        float32_peak = peak32_onednn if compiled and onednn_pass(model) is not None else peak32
+        sampling_peak = peak16 if precision == "auto" and fast else float32_peak
+        training_peak = peak16 if training == "bfloat16" else float32_peak
         bound_s = (flops - sampling_flops) / (training_peak * 1e9) + sampling_flops / (sampling_peak * 1e9)
         issue_reference = REFERENCE.get(name, (None, None))[actor == "distill"]
         ref_ratio = f"{issue_reference / REFERENCE_SAC_SMALL:.2f}" if issue_reference is not None and name == "small" else "-"

@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch as th
@@ -120,34 +119,6 @@ def test_levers_compute_the_same_function():
 
 
 @pytest.mark.skipif(not th.backends.mkldnn.is_available(), reason="torch built without oneDNN")
-def test_onednn_dense_lever_computes_the_same_values_and_gradients():
-    """The oneDNN dense layers give nn.Linear's and EnsembleLinear's outputs and gradients (inputs and parameters)."""
-    levers = benchmark_module("levers")
-    from sb3_qchunk.common.torch_layers import EnsembleLinear
-
-    th.manual_seed(0)
-    model = th.nn.Sequential(th.nn.Linear(16, 32), EnsembleLinear(2, 16, 8))
-    linear, ensemble = model[0], model[1]
-    swapped = th.nn.Sequential(th.nn.Linear(16, 32), EnsembleLinear(2, 16, 8))
-    swapped.load_state_dict(model.state_dict())
-    levers.use_onednn_dense(SimpleNamespace(policy=swapped))
-    assert type(swapped[0]) is levers.OneDNNLinear and type(swapped[1]) is levers.OneDNNEnsembleLinear
-    for module, wrapped, shape in [
-        (linear, swapped[0], (64, 16)),
-        (linear, swapped[0], (4, 32, 16)),
-        (ensemble, swapped[1], (64, 16)),  # one input for every member
-        (ensemble, swapped[1], (2, 64, 16)),  # one input per member
-    ]:
-        x = th.randn(shape, requires_grad=True)
-        expected, got = module(x), wrapped(x)
-        th.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-        grad_out = th.randn_like(expected)
-        got_grads = th.autograd.grad(got, [x, *wrapped.parameters()], grad_out)
-        for a, b in zip(got_grads, th.autograd.grad(expected, [x, *module.parameters()], grad_out)):
-            th.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    assert levers.onednn_applies(th.zeros(64, 16)) and not levers.onednn_applies(th.zeros(63, 16))  # acting stays on ATen
-
-
 @pytest.mark.skipif(not has_native_bf16("cpu"), reason="oneDNN's bf16 linear+GELU needs a CPU with AVX512-BF16 or AMX")
 def test_levers_bf16_fused_linear_gelu_is_within_bf16_rounding():
     """In bf16 (the sampling path's precision on CPUs with native bf16) the fused lever agrees within bf16 rounding."""
