@@ -651,7 +651,8 @@ def goal_lines(
     return out
 
 
-MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul"}
+# (oneDNN's linear: the calls of `OneDNNMatmuls` and of the fused Linear+GELU, whose GELU it counts as matmul time)
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "mkldnn::_linear_pointwise"}
 
 
 def profile_updates(
