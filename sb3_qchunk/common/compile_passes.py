@@ -25,11 +25,17 @@ aten = th.ops.aten
 
 # ``x @ weight.T (+ bias)`` in float32 by oneDNN, as an op of its own: inductor's lowering of oneDNN's linear takes
 # only constant (frozen) weights, so compiled code calls this op instead. It has no autograd formula: the pass inserts
-# it after differentiation. Defined with ``torch.library.Library`` (a few microseconds less per call than
+# it after differentiation. Defined with ``torch.library.Library`` (about 5 us less per call than
 # ``torch.library.custom_op``).
 _LIBRARY = th.library.Library("sb3_qchunk", "FRAGMENT")
 _LIBRARY.define("onednn_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
-_LIBRARY.impl("onednn_linear", lambda x, weight, bias: th.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], ""), "CPU")
+
+
+def _onednn_linear(x: th.Tensor, weight: th.Tensor, bias: th.Tensor | None) -> th.Tensor:
+    return th.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+_LIBRARY.impl("onednn_linear", _onednn_linear, "CPU")
 
 
 @th.library.register_fake("sb3_qchunk::onednn_linear")
@@ -100,7 +106,8 @@ class UnfuseBiasAdd(CustomGraphPass):
 class OneDNNMatmuls(CustomGraphPass):
     """
     Run each CPU float32 ``mm``, ``addmm`` (1-d bias, ``alpha = beta = 1``) and ``bmm`` whose rows, inner and output
-    dimensions are all at least ``min_dim`` as ``sb3_qchunk::onednn_linear`` (oneDNN's float32 matmul) instead of ATen's:
+    dimensions are all at least ``min_dim`` as ``sb3_qchunk::onednn_linear`` (oneDNN's float32 matmul) instead of
+    ATen's:
     ``mm(a, b)`` as ``onednn_linear(a, b.T)``, a ``bmm`` as one call per batch member, concatenated. Smaller matmuls
     stay ATen's (there the op's call costs more than oneDNN saves). The same function up to float32 rounding.
 
@@ -117,7 +124,8 @@ class OneDNNMatmuls(CustomGraphPass):
         return min(a.shape[-2], a.shape[-1], b.shape[-1]) >= self.min_dim
 
     def _rewritable(self, a: Any, b: Any) -> bool:
-        return all(isinstance(node, th.fx.Node) for node in (a, b)) and self.applies(a.meta.get("val"), b.meta.get("val"))
+        nodes = all(isinstance(node, th.fx.Node) for node in (a, b))
+        return nodes and self.applies(a.meta.get("val"), b.meta.get("val"))
 
     def __call__(self, graph: th.fx.Graph) -> None:
         def add(target: Any, args: tuple[Any, ...], value: th.Tensor) -> th.fx.Node:
@@ -136,7 +144,8 @@ class OneDNNMatmuls(CustomGraphPass):
                 bias, a, b = node.args
                 plain = node.kwargs.get("beta", 1) == 1 and node.kwargs.get("alpha", 1) == 1 and len(node.args) == 3
                 bias_value = bias.meta.get("val") if isinstance(bias, th.fx.Node) else None
-                if not plain or not isinstance(bias_value, th.Tensor) or bias_value.dim() != 1 or not self._rewritable(a, b):
+                one_d = isinstance(bias_value, th.Tensor) and bias_value.dim() == 1
+                if not plain or not one_d or not self._rewritable(a, b):
                     continue
             elif node.target in (aten.mm.default, aten.bmm.default):
                 (a, b), bias = node.args, None
