@@ -106,10 +106,9 @@ class UnfuseBiasAdd(CustomGraphPass):
 class OneDNNMatmuls(CustomGraphPass):
     """
     Run each CPU float32 ``mm``, ``addmm`` (1-d bias, ``alpha = beta = 1``) and ``bmm`` whose rows, inner and output
-    dimensions are all at least ``min_dim`` as ``sb3_qchunk::onednn_linear`` (oneDNN's float32 matmul) instead of
-    ATen's:
-    ``mm(a, b)`` as ``onednn_linear(a, b.T)``, a ``bmm`` as one call per batch member, concatenated. Smaller matmuls
-    stay ATen's (there the op's call costs more than oneDNN saves). The same function up to float32 rounding.
+    dimensions are all at least ``min_dim`` by oneDNN's float32 linear (``sb3_qchunk::onednn_linear``) instead of
+    ATen's matmul: ``mm(a, b)`` as ``onednn_linear(a, b.T)``, a ``bmm`` as one call per batch member, concatenated.
+    Thinner matmuls stay ATen's (oneDNN ran them no faster, some slower). The same function up to float32 rounding.
 
     :param min_dim: the smallest dimension a matmul needs to be rewritten
     """
@@ -140,9 +139,9 @@ class OneDNNMatmuls(CustomGraphPass):
         for node in list(graph.nodes):
             if node.op != "call_function":
                 continue
-            if node.target is aten.addmm.default:
+            if node.target is aten.addmm.default and len(node.args) == 3:
                 bias, a, b = node.args
-                plain = node.kwargs.get("beta", 1) == 1 and node.kwargs.get("alpha", 1) == 1 and len(node.args) == 3
+                plain = node.kwargs.get("beta", 1) == 1 and node.kwargs.get("alpha", 1) == 1
                 bias_value = bias.meta.get("val") if isinstance(bias, th.fx.Node) else None
                 one_d = isinstance(bias_value, th.Tensor) and bias_value.dim() == 1
                 if not plain or not one_d or not self._rewritable(a, b):
