@@ -440,7 +440,7 @@ def bench_updates(
     fast = has_fast_bf16(th.device(device).type)
     onednn_text = (
         f", fp32 by oneDNN's linear {peak32_onednn:.0f} GFLOP/s (the bound's float32 rate for compiled rows that run large "
-        f"float32 matmuls by oneDNN: here {'yes' if onednn_pass_by_default(device) else 'no'} by default, `OneDNNMatmuls`)"
+        f"float32 matmuls by oneDNN: here {'yes' if onednn_pass(compile_options(th.device(device))) is not None else 'no'} by default, `OneDNNMatmuls`)"
         if onednn
         else ""
     )
@@ -492,17 +492,9 @@ def with_empty_inductor_cache(function: Callable[..., Any], *args: Any) -> Any:
         return function(*args)
 
 
-def onednn_pass_by_default(device: str) -> bool:
-    """Whether the default compile options of ``device`` run large float32 matmuls by oneDNN (:class:`OneDNNMatmuls`)."""
-    graph_pass = compile_options(th.device(device)).get("post_grad_custom_post_pass")
-    return isinstance(graph_pass, OneDNNMatmuls) or (
-        isinstance(graph_pass, ChainedPasses) and any(isinstance(p, OneDNNMatmuls) for p in graph_pass.passes)
-    )
-
-
-def onednn_pass(model: QC) -> OneDNNMatmuls | None:
-    """The :class:`OneDNNMatmuls` pass of the model's compile options (the policy's ``inductor_options()``), if any."""
-    graph_pass = model.policy.inductor_options().get("post_grad_custom_post_pass")
+def onednn_pass(options: dict[str, Any]) -> OneDNNMatmuls | None:
+    """The :class:`OneDNNMatmuls` pass among inductor ``options``' custom post-grad passes, if any."""
+    graph_pass = options.get("post_grad_custom_post_pass")
     passes = graph_pass.passes if isinstance(graph_pass, ChainedPasses) else (graph_pass,)
     return next((p for p in passes if isinstance(p, OneDNNMatmuls)), None)
 
@@ -548,7 +540,7 @@ def bench_config(
     # float32 matmuls by oneDNN (OneDNNMatmuls) get a floor of their own that replays them so.
     floors: dict[tuple[str, str, str, bool], MatmulFloor] = {}
     for actor, precision, compiled, training in sorted(models, key=lambda key: key[2]):  # eager models first
-        onednn = onednn_pass(models[actor, precision, compiled, training]) if compiled else None
+        onednn = onednn_pass(models[actor, precision, compiled, training].policy.inductor_options()) if compiled else None
         if (actor, precision, training, onednn is not None) not in floors:
             twin = models[actor, precision, compiled, training] if not compiled else make_qc(
                 actor, config["net_arch"], config["num_samples"], batch_size, precision, device, False, training
@@ -586,14 +578,15 @@ def bench_config(
         latency = 1000 / act_rates[str((actor, precision, compiled, training))]
         reference_latency = 1000 / act_rates[f"reference {actor}"] if worker is not None else None
         flops, sampling_flops = counted[actor]
-        float32_peak = peak32_onednn if compiled and onednn_pass(model) is not None else peak32
+        with_onednn = compiled and onednn_pass(model.policy.inductor_options()) is not None
+        float32_peak = peak32_onednn if with_onednn else peak32
         sampling_peak = peak16 if precision == "auto" and fast else float32_peak
         training_peak = peak16 if training == "bfloat16" else float32_peak
         bound_s = (flops - sampling_flops) / (training_peak * 1e9) + sampling_flops / (sampling_peak * 1e9)
         issue_reference = REFERENCE.get(name, (None, None))[actor == "distill"]
         ref_ratio = f"{issue_reference / REFERENCE_SAC_SMALL:.2f}" if issue_reference is not None and name == "small" else "-"
         here = reference.get(actor)  # the reference measured on this machine (--reference), if given
-        floor_key = (actor, precision, training, compiled and onednn_pass(model) is not None)
+        floor_key = (actor, precision, training, with_onednn)
         floor_rate = rates[f"floor {floor_key}"]  # matmul-only updates per second
         label = "fp32" if precision == "float32" else ("auto: bf16" if fast else "auto: fp32")
         label += " + compile" if compiled else ""

@@ -249,7 +249,10 @@ def test_act_latency_smoke(tmp_path):
     rows = table_rows(out.read_text(), "smoke")
     assert [row[1] for row in rows] == ["best_of_n", "distill"]
     for row in rows:
-        assert float(row[2]) > 0 and float(row[3]) > 0 and abs(float(row[4]) - float(row[2]) / float(row[3])) < 0.01
+        on, shipped, ratio = float(row[2]), float(row[3]), float(row[4])
+        assert on > 0 and shipped > 0
+        # The ratio is of the unrounded times, printed to 2 decimals; the times are printed to 3 (within 0.0005 ms).
+        assert (on - 0.0005) / (shipped + 0.0005) - 0.0051 <= ratio <= (on + 0.0005) / (shipped - 0.0005) + 0.0051
 
 
 @pytest.mark.parametrize("buffer", ["synthetic", "dataset"])
