@@ -33,12 +33,11 @@ import torch as th
 import torch.nn.functional as F
 from torch import nn
 
-from throughput import ACTORS, CONFIGS, SMOKE_CONFIG, make_qc, report_header, write_report  # benchmarks/ is the script's directory
+from throughput import ACTORS, CONFIGS, SMOKE_CONFIG, make_qc, onednn_pass, report_header, write_report  # benchmarks/ is the script's directory
 
 from sb3_qchunk import QC
 from sb3_qchunk.common import torch_layers
-from sb3_qchunk.common.compile_passes import OneDNNMatmuls
-from sb3_qchunk.common.precision import compile_options, prefers_onednn_float32_matmuls
+from sb3_qchunk.common.precision import compile_options
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -209,8 +208,8 @@ LEVERS = {
         "the shipped inductor options without `UnfuseBiasAdd` (dense layers' bias added inside ATen's `addmm` instead of "
         "in the activation's kernel; `OneDNNMatmuls` kept where shipped)",
         policy_kwargs=dict(
-            compile_options=dict(SHIPPED, post_grad_custom_post_pass=OneDNNMatmuls())
-            if prefers_onednn_float32_matmuls()
+            compile_options=dict(SHIPPED, post_grad_custom_post_pass=onednn_pass(SHIPPED))
+            if onednn_pass(SHIPPED) is not None
             else without("post_grad_custom_post_pass")
         ),
     ),

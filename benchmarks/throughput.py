@@ -313,17 +313,9 @@ class MatmulFloor:
         self.calls: list[tuple[Any, list[Any], dict[str, Any]]] = []
         for func, layouts, kwargs in recorder.calls:
             args = [self._tensor(a, device) for a in layouts]
-            rewritten = onednn is not None and self._rewritten(onednn, func, args, kwargs)
+            rewritten = onednn is not None and onednn.rewrites(func, args, kwargs)
             self.calls.append(self._onednn_call(func, args) if rewritten else (func, args, kwargs))
         self.device = device
-
-    @staticmethod
-    def _rewritten(onednn: OneDNNMatmuls, func: Any, args: list[Any], kwargs: dict[str, Any]) -> bool:
-        """Whether ``onednn`` runs this call by oneDNN (what its graph rewrite checks, on the recorded tensors)."""
-        if func is th.ops.aten.addmm.default:
-            plain = kwargs.get("beta", 1) == 1 and kwargs.get("alpha", 1) == 1 and len(args) == 3
-            return plain and args[0].dim() == 1 and onednn.applies(args[1], args[2])
-        return func in (th.ops.aten.mm.default, th.ops.aten.bmm.default) and onednn.applies(args[-2], args[-1])
 
     @staticmethod
     def _onednn_call(func: Any, args: list[Any]) -> tuple[Any, list[Any], dict[str, Any]]:

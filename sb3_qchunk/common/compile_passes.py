@@ -15,6 +15,7 @@ runs its AVX2 kernels, about twice); :class:`OneDNNMatmuls` then sends the large
 """
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch as th
@@ -61,7 +62,20 @@ def _pointwise_uses(node: th.fx.Node) -> bool:
     return True
 
 
-class UnfuseBiasAdd(CustomGraphPass):
+class _SettingsPass(CustomGraphPass):
+    """
+    A custom pass equal to another of its type with the same ``repr`` (its settings): equal options are one inductor
+    backend, so models that each call ``compile_options`` share their compiled code instead of compiling it again.
+    """
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and repr(other) == repr(self)
+
+    def __hash__(self) -> int:
+        return hash((type(self), repr(self)))
+
+
+class UnfuseBiasAdd(_SettingsPass):
     """
     Replace each CPU ``addmm(bias, x, w)`` (``alpha = beta = 1``) whose output only pointwise ops read (an
     activation, a residual add) by ``mm(x, w) + bias``, as inductor does on GPUs. Where something else reads it (a
@@ -90,20 +104,12 @@ class UnfuseBiasAdd(CustomGraphPass):
     def __repr__(self) -> str:
         return "UnfuseBiasAdd()"
 
-    # Every instance is the same pass: equal options are one inductor backend, so models that each call
-    # ``compile_options`` share their compiled code instead of compiling it again.
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, UnfuseBiasAdd)
-
-    def __hash__(self) -> int:
-        return hash(UnfuseBiasAdd)
-
     def uuid(self) -> Any:
         """Identifies the pass for inductor's cache (this file's contents)."""
         return get_hash_for_files((__file__,))
 
 
-class OneDNNMatmuls(CustomGraphPass):
+class OneDNNMatmuls(_SettingsPass):
     """
     Run each CPU float32 ``mm``, ``addmm`` (1-d bias, ``alpha = beta = 1``) and ``bmm`` whose rows, inner and output
     dimensions are all at least ``min_dim`` by oneDNN's float32 linear (``sb3_qchunk::onednn_linear``) instead of
@@ -116,15 +122,21 @@ class OneDNNMatmuls(CustomGraphPass):
     def __init__(self, min_dim: int = 128) -> None:
         self.min_dim = min_dim
 
-    def applies(self, a: Any, b: Any) -> bool:
-        """Whether the matmul of ``a`` and ``b`` (tensors: 2-d, or 3-d for ``bmm``) is one the pass rewrites."""
+    def rewrites(self, target: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
+        """
+        Whether the pass runs this call by oneDNN: an ATen overload with its arguments, tensors real or fake (the
+        graph's values). Used by the pass on each node, and by benchmarks that replay an update's matmuls as it runs them.
+        """
+        if target is aten.addmm.default:
+            plain = len(args) == 3 and kwargs.get("beta", 1) == 1 and kwargs.get("alpha", 1) == 1
+            if not plain or not (isinstance(args[0], th.Tensor) and args[0].dim() == 1):
+                return False
+        elif target not in (aten.mm.default, aten.bmm.default):
+            return False
+        a, b = args[-2:]
         if not all(isinstance(v, th.Tensor) and v.dtype == th.float32 and v.device.type == "cpu" for v in (a, b)):
             return False
         return min(a.shape[-2], a.shape[-1], b.shape[-1]) >= self.min_dim
-
-    def _rewritable(self, a: Any, b: Any) -> bool:
-        nodes = all(isinstance(node, th.fx.Node) for node in (a, b))
-        return nodes and self.applies(a.meta.get("val"), b.meta.get("val"))
 
     def __call__(self, graph: th.fx.Graph) -> None:
         def add(target: Any, args: tuple[Any, ...], value: th.Tensor) -> th.fx.Node:
@@ -137,21 +149,11 @@ class OneDNNMatmuls(CustomGraphPass):
             return add(th.ops.sb3_qchunk.onednn_linear.default, (a, weight, bias), value)
 
         for node in list(graph.nodes):
-            if node.op != "call_function":
+            values = [arg.meta.get("val") if isinstance(arg, th.fx.Node) else arg for arg in node.args]
+            if node.op != "call_function" or not self.rewrites(node.target, values, node.kwargs):
                 continue
-            if node.target is aten.addmm.default and len(node.args) == 3:
-                bias, a, b = node.args
-                plain = node.kwargs.get("beta", 1) == 1 and node.kwargs.get("alpha", 1) == 1
-                bias_value = bias.meta.get("val") if isinstance(bias, th.fx.Node) else None
-                one_d = isinstance(bias_value, th.Tensor) and bias_value.dim() == 1
-                if not plain or not one_d or not self._rewritable(a, b):
-                    continue
-            elif node.target in (aten.mm.default, aten.bmm.default):
-                (a, b), bias = node.args, None
-                if not self._rewritable(a, b):
-                    continue
-            else:
-                continue
+            a, b = node.args[-2:]
+            bias = node.args[0] if node.target is aten.addmm.default else None
             value = node.meta["val"]
             with graph.inserting_before(node):
                 if node.target is aten.bmm.default:
@@ -171,17 +173,11 @@ class OneDNNMatmuls(CustomGraphPass):
     def __repr__(self) -> str:
         return f"OneDNNMatmuls(min_dim={self.min_dim})"
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, OneDNNMatmuls) and other.min_dim == self.min_dim
-
-    def __hash__(self) -> int:
-        return hash((OneDNNMatmuls, self.min_dim))
-
     def uuid(self) -> Any:
         return get_hash_for_files((__file__,)) + repr(self).encode()
 
 
-class ChainedPasses(CustomGraphPass):
+class ChainedPasses(_SettingsPass):
     """
     Several custom passes run in turn as inductor's one ``post_grad_custom_post_pass``.
 
@@ -197,12 +193,6 @@ class ChainedPasses(CustomGraphPass):
 
     def __repr__(self) -> str:
         return f"ChainedPasses({', '.join(map(repr, self.passes))})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, ChainedPasses) and other.passes == self.passes
-
-    def __hash__(self) -> int:
-        return hash((ChainedPasses, self.passes))
 
     def uuid(self) -> Any:
         return b"".join(graph_pass.uuid() for graph_pass in self.passes)

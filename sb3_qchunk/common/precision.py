@@ -42,15 +42,23 @@ def has_native_bf16(device_type: str) -> bool:
     return False
 
 
-def cpu_vendor() -> str:
-    """The CPU's vendor string (``"GenuineIntel"``, ``"AuthenticAMD"``, ...), or ``""`` where it cannot be read."""
+def _cpuinfo(field: str) -> str | None:
+    """The first value of ``field`` in Linux's /proc/cpuinfo, or None where it cannot be read."""
     try:
         with open("/proc/cpuinfo") as file:
             for line in file:
-                if line.startswith("vendor_id"):
+                if line.startswith(field):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return None
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor string (``"GenuineIntel"``, ``"AuthenticAMD"``, ...), or ``""`` where it cannot be read."""
+    vendor = _cpuinfo("vendor_id")
+    if vendor is not None:
+        return vendor
     processor = platform.processor()  # e.g. "AMD64 Family 25 Model 17 Stepping 1, AuthenticAMD" on Windows
     for vendor in ("GenuineIntel", "AuthenticAMD"):
         if vendor in processor:
@@ -60,13 +68,9 @@ def cpu_vendor() -> str:
 
 def cpu_family() -> int | None:
     """The CPU's family number (x86: 6 for Intel's cores, 25 for AMD Zen 3 and Zen 4, 26 for Zen 5), or None."""
-    try:
-        with open("/proc/cpuinfo") as file:
-            for line in file:
-                if line.startswith("cpu family"):
-                    return int(line.split(":", 1)[1])
-    except (OSError, ValueError):
-        pass
+    family = _cpuinfo("cpu family")
+    if family is not None and family.isdigit():
+        return int(family)
     match = re.search(r"Family (\d+)", platform.processor())  # e.g. "AMD64 Family 26 Model 2 Stepping 0, AuthenticAMD"
     return int(match.group(1)) if match else None
 
