@@ -32,7 +32,7 @@ prepare() {
     # matplotlib, tqdm, rich, absl-py, decorator); dm-tree is compiled, so it comes for the target Python.
     python3 -m pip download --quiet --no-deps --dest "$WHEELS" --only-binary=:all: \
         "stable-baselines3==2.9.2" "gymnasium==1.4.0" "farama-notifications==0.0.6" \
-        "distrax==0.1.5" "ml_collections==1.1.0" "tensorflow-probability==0.25.0" "gast==0.7.0"
+        "distrax==0.1.5" "ml_collections==1.1.0" "tensorflow-probability==0.25.0" "gast==0.7.0" "six==1.17.0"
     python3 -m pip download --quiet --no-deps --dest "$WHEELS" --only-binary=:all: \
         --python-version "$version" --platform manylinux_2_28_x86_64 "dm-tree==0.1.10"
     ls "$WHEELS"
@@ -56,7 +56,7 @@ run() {
     if [ -n "$reference_src" ]; then
         # The reference's extra dependencies, and jax not grabbing most of the GPU's memory at start-up.
         "$PYTHON" -m pip install --quiet --no-index --find-links "$WHEELS" --no-deps --upgrade --target "$SITE" \
-            distrax ml_collections tensorflow-probability gast dm-tree >> "$out/gpu.txt" 2>&1 || true
+            distrax ml_collections tensorflow-probability gast six dm-tree >> "$out/gpu.txt" 2>&1 || true
         export XLA_PYTHON_CLIENT_PREALLOCATE=false
         if "$PYTHON" -c "import sys; sys.path.insert(0, '$reference_src'); import jax; from agents.acfql import ACFQLAgent; print('jax', jax.__version__, jax.devices())" >> "$out/gpu.txt" 2>&1; then
             reference_args=(--reference-src "$reference_src" --reference-python "$(command -v "$PYTHON")")
