@@ -45,8 +45,10 @@ run() {
     out=$(cd "$out" && pwd)
     # A folder on PYTHONPATH rather than a venv: the image's Python may be a venv itself, whose packages a venv made
     # from it would not see.
-    "$PYTHON" -m pip install --quiet --no-index --find-links "$WHEELS" --no-deps --upgrade --target "$SITE" \
-        stable-baselines3 gymnasium farama-notifications
+    if ! "$PYTHON" -c "import stable_baselines3, gymnasium" 2> /dev/null; then
+        "$PYTHON" -m pip install --quiet --no-index --find-links "$WHEELS" --no-deps --upgrade --target "$SITE" \
+            stable-baselines3 gymnasium farama-notifications
+    fi
     export PYTHONPATH="$PWD:$PWD/$SITE${PYTHONPATH:+:$PYTHONPATH}"
     {
         nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 || echo "no nvidia-smi"
