@@ -60,7 +60,7 @@ run() {
         "$PYTHON" -m pip install --quiet --no-index --find-links "$WHEELS" --no-deps --upgrade --target "$SITE" \
             distrax ml_collections tensorflow-probability gast six dm-tree >> "$out/gpu.txt" 2>&1 || true
         export XLA_PYTHON_CLIENT_PREALLOCATE=false
-        if "$PYTHON" -c "import sys; sys.path.insert(0, '$reference_src'); import jax; from agents.acfql import ACFQLAgent; print('jax', jax.__version__, jax.devices())" >> "$out/gpu.txt" 2>&1; then
+        if "$PYTHON" -c "import sys; sys.path.insert(0, 'benchmarks'); import jax, reference; reference.Worker('$reference_src'); print('jax', jax.__version__, jax.devices())" >> "$out/gpu.txt" 2>&1; then
             reference_args=(--reference-src "$reference_src" --reference-python "$(command -v "$PYTHON")")
         else
             echo "the reference does not import here: ours alone" >> "$out/gpu.txt"

@@ -63,6 +63,15 @@ class Worker:
         sys.path.insert(0, str(src))
         import jax
         import numpy as np
+
+        # TensorFlow Probability 0.25 (its last release, imported by distrax) reads
+        # jax.interpreters.xla.pytype_aval_mappings, which newer jax (0.7 on) keeps in jax's core only: the alias lets the
+        # reference import there too (e.g. on a GPU machine's newer jax). Nothing changes where it exists.
+        xla = getattr(getattr(jax, "interpreters", None), "xla", None)
+        if xla is not None and not hasattr(xla, "pytype_aval_mappings"):
+            from jax._src import core
+
+            xla.pytype_aval_mappings = core.pytype_aval_mappings
         from agents.acfql import ACFQLAgent, get_config
 
         self.src, self.jax, self.np = src, jax, np
