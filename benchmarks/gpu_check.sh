@@ -16,7 +16,8 @@
 #
 # OUT/ gets gpu.txt (nvidia-smi, torch and jax versions), throughput_gpu_<config>.md, utilisation_<config>.csv
 # (nvidia-smi samples every 200 ms while that config ran: GPU %, memory MiB) and a summary line per config in
-# summary.md. Each config runs under a time limit (GPU_CHECK_LIMIT_S, default 240 s), so one call fits in 10 minutes.
+# summary.md. Each config runs under a time limit (GPU_CHECK_LIMIT_S, default 240 s), so one call fits in 10 minutes;
+# GPU_CHECK_CONFIGS (default "small paper") runs fewer, e.g. again the one that ran out of time, with a larger limit.
 # GPU_CHECK_PYTHON (default python3) is the Python with torch; GPU_CHECK_DEVICE (default cuda) and GPU_CHECK_ARGS
 # (extra throughput.py flags, e.g. --smoke) are for trying the script without a GPU.
 set -euo pipefail
@@ -68,7 +69,7 @@ run() {
     fi
     echo "| config | exit | seconds | GPU % (mean of samples) | GPU % (90th percentile) | memory MiB (max) |" > "$out/summary.md"
     echo "|---|---|---|---|---|---|" >> "$out/summary.md"
-    for config in small paper; do
+    for config in ${GPU_CHECK_CONFIGS:-small paper}; do
         local sampler="" start rc=0
         if command -v nvidia-smi > /dev/null; then
             nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -lms 200 \
