@@ -30,7 +30,8 @@ prepare() {
     local version=${1:-3.12}
     mkdir -p "$WHEELS"
     # Pure-Python packages, without their dependencies: those the GPU image has already (numpy, cloudpickle, pandas,
-    # matplotlib, tqdm, rich, absl-py, decorator); dm-tree is compiled, so it comes for the target Python.
+    # matplotlib, tqdm, rich, absl-py, decorator); dm-tree is compiled, so it comes for the target Python. The
+    # reference's versions are those of benchmarks/reference.py's set-up: change them together.
     python3 -m pip download --quiet --no-deps --dest "$WHEELS" --only-binary=:all: \
         "stable-baselines3==2.9.2" "gymnasium==1.4.0" "farama-notifications==0.0.6" \
         "distrax==0.1.5" "ml_collections==1.1.0" "tensorflow-probability==0.25.0" "gast==0.7.0" "six==1.17.0"
