@@ -717,6 +717,45 @@ def test_large_sampling_batches_fuse_linear_gelu_with_the_same_numbers(monkeypat
     np.testing.assert_allclose(fused_chunks, plain_chunks, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("samples", [8, None])  # best-of-N's candidates (B, N, D); one chunk per observation (B, D)
+def test_flow_integration_is_euler_steps_of_the_velocity_with_a_column_of_times(samples):
+    """``integrate`` folds the time's share of the first layer into the observation's: the same Euler steps as the
+    velocity field over the concatenation [x, t] (float rounding; bf16 rounding under bf16 autocast), the same
+    gradients, the time's column of the weight included."""
+    from sb3_qchunk.qc.policies import FlowVelocityField
+
+    th.manual_seed(0)
+    flow = FlowVelocityField(28, 25, [64, 64], layer_norm=True)
+    features = th.randn(4, 28)
+    noise = th.randn(4, samples, 25) if samples else th.randn(4, 25)
+
+    def by_velocity() -> th.Tensor:
+        embedding = flow.embed_obs(features)
+        embedding = embedding.unsqueeze(1) if samples else embedding
+        x = noise
+        for i in range(10):
+            x = x + flow.velocity(embedding, x, th.full((*x.shape[:-1], 1), i / 10)) / 10
+        return x.clamp(-1.0, 1.0)
+
+    def by_integrate() -> th.Tensor:
+        embedding = flow.embed_obs(features)
+        return flow.integrate(embedding.unsqueeze(1) if samples else embedding, noise, 10)
+
+    expected = by_velocity()
+    expected.pow(2).sum().backward()
+    expected_grads = [param.grad.clone() for param in flow.parameters()]
+    flow.zero_grad()
+    chunks = by_integrate()
+    th.testing.assert_close(chunks, expected, rtol=0, atol=1e-5)
+    chunks.pow(2).sum().backward()
+    for param, expected_grad in zip(flow.parameters(), expected_grads):
+        th.testing.assert_close(param.grad, expected_grad, rtol=1e-4, atol=1e-5)
+    assert flow.xt_in.weight.grad[:, -1].abs().sum() > 0  # the time's column takes part
+    with th.no_grad(), th.autocast("cpu", dtype=th.bfloat16):
+        th.testing.assert_close(by_integrate().float(), by_velocity().float(), rtol=0, atol=0.05)
+        th.testing.assert_close(by_integrate().float(), expected, rtol=0, atol=0.1)
+
+
 def test_train_draws_several_updates_at_once_within_its_bounds(monkeypatch):
     """train() draws the batches of up to UPDATES_PER_DRAW updates at once, fewer where DRAW_BYTES of windows would
     be exceeded, and does exactly the gradient steps asked for (the last draw smaller)."""
