@@ -1,21 +1,35 @@
 """
-Latency of one chunk choice (``QC.predict`` on one observation) on the eager path, with and without the small-batch
-oneDNN switch (:meth:`~sb3_qchunk.qc.policies.QCPolicy.small_eager_sampling`, on by default), paired: the two take
-turns block by block, the median block kept. Small config (256x256, N=8) and paper config (4x512, N=32), both actors,
-``sampling_precision="auto"`` (float32 for one observation).
+Latency of one chunk choice (``QC.predict`` on one observation): the eager path as shipped, the eager path with
+oneDNN left on for small batches (what :meth:`~sb3_qchunk.qc.policies.QCPolicy.small_eager_sampling` switches off),
+``compile_sampling=True``, and with ``--reference-src`` the authors' ``sample_actions`` (set-up:
+``benchmarks/reference.py``), all taking turns block by block, the median block kept. Small config (256x256, N=8) and
+paper config (4x512, N=32), both actors, ``sampling_precision="auto"``.
 
     python benchmarks/act_latency.py --out benchmarks/results/act_latency_<machine>.md
+    python benchmarks/act_latency.py --reference-src ../qc --reference-python ../qc-venv/bin/python --out ...
     python benchmarks/act_latency.py --smoke --out /tmp/act.md   # tiny, for the tests
 """
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 
-from throughput import CONFIGS, OBS_DIM, SMOKE_CONFIG, interleaved_rates, make_qc, report_header, write_report  # benchmarks/ is the script's directory
+from throughput import (  # benchmarks/ is the script's directory
+    ACTION_DIM,
+    CHUNK,
+    CONFIGS,
+    OBS_DIM,
+    SMOKE_CONFIG,
+    ReferenceProcess,
+    interleaved_rates,
+    make_qc,
+    report_header,
+    write_report,
+)
 
 
-def predicts(model, n: int, onednn_switch: bool) -> None:
+def predicts(model, n: int, onednn_switch: bool = True) -> None:
     """``n`` predicts on one observation; ``onednn_switch=False`` keeps oneDNN on (the instance's switch overridden)."""
     policy, obs = model.policy, np.zeros(OBS_DIM, dtype=np.float32)
     if not onednn_switch:
@@ -31,31 +45,59 @@ def predicts(model, n: int, onednn_switch: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7, help="timed blocks of each (the median is kept)")
+    parser.add_argument("--reference-src", type=Path, default=None, help="a checkout of the authors' code, timed in turns")
+    parser.add_argument("--reference-python", type=str, default=None, help="the Python of the reference's venv")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", type=str, default=None)
     args = parser.parse_args()
+    if (args.reference_src is None) != (args.reference_python is None):
+        parser.error("--reference-src and --reference-python go together")
     configs = SMOKE_CONFIG if args.smoke else CONFIGS
     repeats = 2 if args.smoke else args.repeats
+    worker = ReferenceProcess(args.reference_python, args.reference_src) if args.reference_src is not None else None
     lines = [
-        *report_header("Chunk choice latency, eager path: oneDNN switched off for small batches or not", "cpu"),
+        *report_header("Chunk choice latency (one observation): eager, compiled and the reference's", "cpu"),
         "",
-        "| config | actor | oneDNN on, ms | shipped (off below 256 rows), ms | on / shipped |",
-        "|---|---|---|---|---|",
+        "Milliseconds per `predict`, median of interleaved blocks. `eager, oneDNN on`: the eager path without the "
+        "small-batch oneDNN switch; `eager`: as shipped; `compiled`: `compile_sampling=True`; `reference`: the "
+        "authors' jitted `sample_actions` followed by `np.array` (with `--reference-src`).",
+        "",
+        "| config | actor | eager, oneDNN on | eager | compiled | reference | eager / reference | compiled / reference |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, config in configs.items():
+        batch_size = 8 if args.smoke else 256
+        eager = {
+            actor: make_qc(actor, config["net_arch"], config["num_samples"], batch_size, "auto", "cpu") for actor in ("best_of_n", "distill")
+        }
+        compiled = {
+            actor: make_qc(actor, config["net_arch"], config["num_samples"], batch_size, "auto", "cpu", compiled=True)
+            for actor in ("best_of_n", "distill")
+        }
+        jobs = {}
         for actor in ("best_of_n", "distill"):
-            model = make_qc(actor, config["net_arch"], config["num_samples"], 8 if args.smoke else 256, "auto", "cpu")
             n = 2 if args.smoke else (20 if actor == "best_of_n" else 200)
-            rates = interleaved_rates(  # chunks per second, the two taking turns
-                {
-                    "on": (lambda k, m=model: predicts(m, k, onednn_switch=False), n),
-                    "shipped": (lambda k, m=model: predicts(m, k, onednn_switch=True), n),
-                },
-                repeats,
+            jobs[f"on {actor}"] = (lambda k, m=eager[actor]: predicts(m, k, onednn_switch=False), n)
+            jobs[f"eager {actor}"] = (lambda k, m=eager[actor]: predicts(m, k), n)
+            jobs[f"compiled {actor}"] = (lambda k, m=compiled[actor]: predicts(m, k), n)
+            if worker is not None:
+                worker.request("build", key=f"{name} {actor}", actor=actor, hidden=config["net_arch"], num_samples=config["num_samples"],
+                               batch_size=batch_size, obs_dim=OBS_DIM, action_dim=ACTION_DIM, chunk=CHUNK)
+                jobs[f"reference {actor}"] = (lambda k, key=f"{name} {actor}": worker.request("act", key=key, n=k), n)
+        for _, (fn, _) in jobs.items():
+            fn(1)  # compiles the compiled models' sampling before any block is timed
+        ms = {job: 1000 / rate for job, rate in interleaved_rates(jobs, repeats).items()}  # rates are chunks per second
+        for actor in ("best_of_n", "distill"):
+            reference = ms.get(f"reference {actor}")
+            eager_ms, compiled_ms = ms[f"eager {actor}"], ms[f"compiled {actor}"]
+            ratios = (f"{eager_ms / reference:.2f} | {compiled_ms / reference:.2f}") if reference else "- | -"
+            lines.append(
+                f"| {name} | {actor} | {ms[f'on {actor}']:.3f} | {eager_ms:.3f} | {compiled_ms:.3f} | "
+                f"{f'{reference:.3f}' if reference else '-'} | {ratios} |"
             )
-            on, shipped = 1000 / rates["on"], 1000 / rates["shipped"]
-            lines.append(f"| {name} | {actor} | {on:.3f} | {shipped:.3f} | {on / shipped:.2f} |")
             print(lines[-1], flush=True)
+    if worker is not None:
+        worker.close()
     write_report(lines, args.out)
 
 

@@ -270,10 +270,30 @@ def test_act_latency_smoke(tmp_path):
     rows = table_rows(out.read_text(), "smoke")
     assert [row[1] for row in rows] == ["best_of_n", "distill"]
     for row in rows:
-        on, shipped, ratio = float(row[2]), float(row[3]), float(row[4])
-        assert on > 0 and shipped > 0
-        # The ratio is of the unrounded times, printed to 2 decimals; the times are printed to 3 (within 0.0005 ms).
-        assert (on - 0.0005) / (shipped + 0.0005) - 0.0051 <= ratio <= (on + 0.0005) / (shipped - 0.0005) + 0.0051
+        assert all(float(row[i]) > 0 for i in (2, 3, 4))  # eager with oneDNN on, eager, compiled
+        assert row[5:] == ["-", "-", "-"]  # no reference given
+
+
+def test_act_latency_paired_with_a_reference_checkout(tmp_path):
+    """``--reference-src``: the reference's action choices take turns with ours (the stand-in takes at least 2 ms a
+    call); the ratio columns are of the printed times."""
+    src = tmp_path / "qc"
+    for name, text in FAKE_JAX.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_text(text)
+    out = tmp_path / "act.md"
+    command = [sys.executable, str(ROOT / "benchmarks" / "act_latency.py"), "--smoke", "--out", str(out)]
+    subprocess.run([*command, "--reference-src", str(src), "--reference-python", sys.executable], check=True)
+    rows = table_rows(out.read_text(), "smoke")
+    assert [row[1] for row in rows] == ["best_of_n", "distill"]
+    for row in rows:
+        eager, compiled, reference, eager_ratio, compiled_ratio = (float(value) for value in row[3:8])
+        assert reference >= 2.0
+        # Ratios of the unrounded times, printed to 2 decimals; the times are printed to 3 (within 0.0005 ms).
+        for ms, ratio in ((eager, eager_ratio), (compiled, compiled_ratio)):
+            assert (ms - 0.0005) / (reference + 0.0005) - 0.0051 <= ratio <= (ms + 0.0005) / (reference - 0.0005) + 0.0051
+    failed = subprocess.run([*command, "--reference-src", str(src)], capture_output=True, text=True)
+    assert failed.returncode == 2 and "--reference-src and --reference-python go together" in failed.stderr
 
 
 @pytest.mark.parametrize("buffer", ["synthetic", "dataset"])

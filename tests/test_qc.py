@@ -648,9 +648,9 @@ def test_linear_gelu_fuses_by_default_only_on_avx512_cpus(monkeypatch, capabilit
     assert torch_layers.default_fused_linear_gelu_min_macs() == min_macs
     monkeypatch.setattr(torch_layers, "FUSED_LINEAR_GELU_MIN_MACS", min_macs)
     flow = FlowVelocityField(4, 4, [8, 8])
-    big = th.zeros(1, 8).expand(2**24, 8)  # 2^30 multiply-adds through an 8 -> 8 layer (numel x out), no memory
-    with th.no_grad():
-        fused = torch_layers.fused_linear_gelu_dtype(big, flow.body[1], flow.body[2])
+    with th.no_grad():  # 2^30 multiply-adds: 2^24 rows through an 8 -> 8 layer
+        fused = torch_layers.fused_linear_gelu_dtype(2**24, th.float32, th.device("cpu"), flow.body[1], flow.body[2])
+        assert torch_layers.fused_linear_gelu_dtype(2**24 - 1, th.float32, th.device("cpu"), flow.body[1], flow.body[2]) is None
     assert fused == (th.float32 if min_macs is not None and torch_layers.HAS_ONEDNN else None)
 
 

@@ -99,23 +99,24 @@ def _linear_gelu_flops(x_shape: Any, weight_shape: Any, *args: Any, **kwargs: An
     return 2 * math.prod(x_shape) * weight_shape[0]
 
 
-def fused_linear_gelu_dtype(x: th.Tensor, linear: nn.Module, activation: nn.Module) -> th.dtype | None:
+def fused_linear_gelu_dtype(rows: int, dtype: th.dtype, device: th.device, linear: nn.Module, activation: nn.Module) -> th.dtype | None:
     """
     The precision in which ``activation(linear(x))`` runs as :func:`linear_gelu`, or None where it runs as the two
-    modules. Fused: no gradient taken, on a CPU, torch built with oneDNN, an ``nn.Linear`` with bias and an erf
-    ``nn.GELU``, at least ``FUSED_LINEAR_GELU_MIN_MACS`` multiply-adds (never where it is None); in float32 for a
-    float32 ``x`` outside autocast, in bf16 under bf16 autocast where oneDNN has bf16 matmuls (as autocast would run
-    the Linear). The result equals the unfused one up to float rounding.
+    modules, for an input ``x`` of ``rows`` rows, ``dtype`` and ``device``. Fused: no gradient taken, on a CPU, torch
+    built with oneDNN, an ``nn.Linear`` with bias and an erf ``nn.GELU``, at least ``FUSED_LINEAR_GELU_MIN_MACS``
+    multiply-adds (never where it is None); in float32 for a float32 ``x`` outside autocast, in bf16 under bf16
+    autocast where oneDNN has bf16 matmuls (as autocast would run the Linear). The result equals the unfused one up to
+    float rounding.
     """
-    fusable = (  # the checks that fail while acting (small batches) first: they run at every Euler step
+    fusable = (  # the checks that fail while acting (small batches) first
         not th.is_grad_enabled()
         and type(linear) is nn.Linear
         and FUSED_LINEAR_GELU_MIN_MACS is not None
-        and x.numel() * linear.out_features >= FUSED_LINEAR_GELU_MIN_MACS
+        and rows * linear.in_features * linear.out_features >= FUSED_LINEAR_GELU_MIN_MACS
         and linear.bias is not None
         and type(activation) is nn.GELU
         and activation.approximate == "none"
-        and x.device.type == "cpu"
+        and device.type == "cpu"
         and HAS_ONEDNN
         and (th.compiler.is_compiling() or th.backends.mkldnn.enabled)  # not inside precision.onednn_disabled
     )
@@ -123,4 +124,4 @@ def fused_linear_gelu_dtype(x: th.Tensor, linear: nn.Module, activation: nn.Modu
         return None
     if th.is_autocast_enabled("cpu"):
         return th.bfloat16 if th.get_autocast_dtype("cpu") == th.bfloat16 and ONEDNN_BF16 else None
-    return th.float32 if x.dtype == th.float32 else None
+    return th.float32 if dtype == th.float32 else None

@@ -1,6 +1,7 @@
 """Policies for QC: a flow-matching actor over action chunks, an ensemble of chunk critics, and an
 optional one-step (distilled) actor."""
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -86,20 +87,35 @@ class FlowVelocityField(nn.Module):
         :param x: points on the flow path (..., action_dim)
         :param t: times (..., 1)
         """
-        return self._body(obs_embedding + self.xt_in(th.cat([x, t], dim=-1)))
+        hidden = obs_embedding + self.xt_in(th.cat([x, t], dim=-1))
+        return self._run_body(hidden, self._body_plan(hidden))
 
-    def _body(self, hidden: th.Tensor) -> th.Tensor:
-        """The layers after the first one's linear part, from its pre-activation ``hidden``."""
-        layers = list(self.body)
-        i = 0
+    def _body_plan(self, hidden: th.Tensor) -> list[nn.Module | tuple[nn.Linear, th.dtype]]:
+        """
+        How the layers after the first one's linear part run for inputs shaped like ``hidden`` (its pre-activation),
+        in the current gradient and autocast mode: each layer as itself, except a Linear+GELU pair that runs as one
+        :func:`~sb3_qchunk.common.torch_layers.linear_gelu` call at these sizes, given as (the Linear, the call's
+        precision). Decided once for all Euler steps of an integration.
+        """
+        rows = hidden.numel() // hidden.shape[-1]
+        layers, plan, i = list(self.body), [], 0
         while i < len(layers):
-            dtype = fused_linear_gelu_dtype(hidden, layers[i], layers[i + 1]) if i + 1 < len(layers) else None
-            if dtype is not None:  # large no-gradient batches: one oneDNN call
-                hidden = linear_gelu(hidden.to(dtype), layers[i].weight.to(dtype), layers[i].bias.to(dtype))
-                i += 2
+            dtype = (
+                fused_linear_gelu_dtype(rows, hidden.dtype, hidden.device, layers[i], layers[i + 1]) if i + 1 < len(layers) else None
+            )
+            plan.append(layers[i] if dtype is None else (layers[i], dtype))
+            i += 1 if dtype is None else 2
+        return plan
+
+    @staticmethod
+    def _run_body(hidden: th.Tensor, plan: list[nn.Module | tuple[nn.Linear, th.dtype]]) -> th.Tensor:
+        """The layers of ``plan`` (:meth:`_body_plan`) on the first layer's pre-activation ``hidden``."""
+        for layer in plan:
+            if isinstance(layer, tuple):  # large no-gradient batches: one oneDNN call
+                linear, dtype = layer
+                hidden = linear_gelu(hidden.to(dtype), linear.weight.to(dtype), linear.bias.to(dtype))
             else:
-                hidden = layers[i](hidden)
-                i += 1
+                hidden = layer(hidden)
         return hidden
 
     def forward(self, features: th.Tensor, x: th.Tensor, t: th.Tensor) -> th.Tensor:
@@ -120,10 +136,11 @@ class FlowVelocityField(nn.Module):
         action_dim = noise.shape[-1]
         x_weight = self.xt_in.weight[:, :action_dim]
         t_weight = self.xt_in.weight[:, action_dim].to(obs_embedding.dtype)  # bf16 under autocast, as obs_in's output
-        x = noise
+        x, plan = noise, None
         for i in range(flow_steps):
             hidden = F.linear(x, x_weight) + th.add(obs_embedding, t_weight, alpha=i / flow_steps)
-            x = th.add(x, self._body(hidden), alpha=1.0 / flow_steps)
+            plan = self._body_plan(hidden) if plan is None else plan
+            x = th.add(x, self._run_body(hidden, plan), alpha=1.0 / flow_steps)
         return x.clamp(-1.0, 1.0)
 
 
@@ -275,7 +292,7 @@ class EnsembleCritic(BaseModel):
             hidden = layer(hidden)
         # The output layer runs in float32 even under bf16 autocast: bf16 keeps ~3 significant digits, too few
         # to rank best-of-N candidates whose values differ in the third digit (Q ~ -50 rounds to steps of 0.25).
-        with th.autocast(hidden.device.type, enabled=False):
+        with bf16_autocast(hidden.device.type, enabled=False):
             q_values = output_layer(hidden.float())
         return q_values.view(self.n_critics, *batch_shape)
 
@@ -525,15 +542,15 @@ class QCPolicy(BasePolicy):
         """Rows per layer of a chunk choice for ``batch_size`` observations: observations times candidates (best-of-N)."""
         return batch_size * (self.num_samples if self.actor_type == "best_of_n" else 1)
 
-    def bf16_autocast(self, enabled: bool) -> th.autocast:
+    def bf16_autocast(self, enabled: bool) -> contextlib.AbstractContextManager:
         """bfloat16 autocast on the policy's device if ``enabled``, else a disabled autocast (float32 stays float32)."""
         return bf16_autocast(self.device.type, enabled)
 
-    def training_autocast(self) -> th.autocast:
+    def training_autocast(self) -> contextlib.AbstractContextManager:
         """The autocast context of the gradient path: bf16 with ``training_precision="bfloat16"``, disabled otherwise."""
         return self.bf16_autocast(self.training_precision == "bfloat16")
 
-    def sampling_autocast(self, batch_size: int) -> th.autocast:
+    def sampling_autocast(self, batch_size: int) -> contextlib.AbstractContextManager:
         """The autocast context of the no-gradient sampling path (see :meth:`sampling_bf16`)."""
         return self.bf16_autocast(self.sampling_bf16(batch_size))
 
