@@ -213,6 +213,12 @@ LEVERS = {
             else without("post_grad_custom_post_pass")
         ),
     ),
+    "no-input-asserts": Lever(
+        "the shipped inductor options with `size_asserts`, `alignment_asserts` and `scalar_asserts` off: the compiled "
+        "graph does not re-check its inputs' sizes, strides, alignment and scalars at each call (dynamo's guards check "
+        "sizes and strides before it runs)",
+        policy_kwargs=dict(compile_options=dict(SHIPPED, size_asserts=False, alignment_asserts=False, scalar_asserts=False)),
+    ),
     "per-update-draws": Lever(
         "`train()` draws each update's batch and noise on its own (`QC.UPDATES_PER_DRAW = 1`) instead of those of up to 32 "
         "updates at once",
