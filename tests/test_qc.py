@@ -639,6 +639,25 @@ def test_onednn_flag_is_restored_when_the_block_raises():
         assert th.backends.mkldnn.enabled
 
 
+def test_float32_context_turns_an_enclosing_bf16_autocast_off():
+    """``bf16_autocast(enabled=False)`` keeps float32 in float32 also inside a caller's bf16 autocast (the float32
+    sampling of a bf16 training update, the critic's output layer), and is a no-op where no autocast is on."""
+    from sb3_qchunk.common.precision import bf16_autocast
+
+    x, w = th.randn(4, 8), th.randn(8, 8)
+    with bf16_autocast("cpu", enabled=False):
+        assert (x @ w).dtype == th.float32
+    with bf16_autocast("cpu", enabled=True):
+        assert (x @ w).dtype == th.bfloat16
+        with bf16_autocast("cpu", enabled=False):
+            assert (x @ w).dtype == th.float32 and not th.is_autocast_enabled("cpu")
+        assert (x @ w).dtype == th.bfloat16
+    with th.autocast("cpu", dtype=th.bfloat16):  # the critic's output layer under a caller's autocast
+        critic = QC("MlpPolicy", "Pendulum-v1", chunk_size=2, policy_kwargs=dict(net_arch=[16, 16]), seed=0).policy.critic
+        q_values = critic(th.zeros(3, 3), th.zeros(3, 2))
+    assert q_values.dtype == th.float32
+
+
 @pytest.mark.parametrize("capability, min_macs", [("AVX512", 2**30), ("AVX2", None), ("DEFAULT", None)])
 def test_linear_gelu_fuses_by_default_only_on_avx512_cpus(monkeypatch, capability, min_macs):
     from sb3_qchunk.common import torch_layers
