@@ -219,6 +219,11 @@ LEVERS = {
         "sizes and strides before it runs)",
         policy_kwargs=dict(compile_options=dict(SHIPPED, size_asserts=False, alignment_asserts=False, scalar_asserts=False)),
     ),
+    "kernels-1-thread": Lever(
+        "the shipped inductor options with `cpp.threads=1`: inductor's generated kernels run on one thread (no OpenMP "
+        "fork and join around each); the matmuls they call share OpenMP's pool, so they may run on one thread too",
+        policy_kwargs=dict(compile_options={**SHIPPED, "cpp.threads": 1}),
+    ),
     "per-update-draws": Lever(
         "`train()` draws each update's batch and noise on its own (`QC.UPDATES_PER_DRAW = 1`) instead of those of up to 32 "
         "updates at once",
