@@ -339,7 +339,8 @@ class QCPolicy(BasePolicy):
         worth it where matmuls dominate (4x512 QC-FQL on a CPU with AMX: 1.6x the updates/s; 256x256: 1.1x)
     :param compile_sampling: ``torch.compile`` :meth:`sample_chunks`, the action choice (``predict``): best-of-N
         chunk choice 1.3x (4x512, N=32) to 2x (256x256, N=8) faster on a 2-core CPU, for up to tens of seconds
-        of compilation at the first call on a machine. The update's sampling is compiled with the rest of the update by the algorithm's
+        of compilation at the first call on a machine; QC-FQL's one-step choice (a few layers on one row) gains
+        little from it. The update's sampling is compiled with the rest of the update by the algorithm's
         ``compile_update``. Compiled and eager code draw the same noise, so they agree for a seed
     :param compile_options: inductor options of ``torch.compile`` for ``compile_sampling`` and the algorithm's
         ``compile_update``; None for the defaults chosen by measurement
