@@ -65,8 +65,8 @@ def main() -> None:
         "| config | actor | eager, oneDNN on | eager | compiled | reference | eager / reference | compiled / reference |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    batch_size = 8 if args.smoke else 256
     for name, config in configs.items():
-        batch_size = 8 if args.smoke else 256
         eager = {
             actor: make_qc(actor, config["net_arch"], config["num_samples"], batch_size, "auto", "cpu") for actor in ("best_of_n", "distill")
         }
@@ -84,8 +84,7 @@ def main() -> None:
                 worker.request("build", key=f"{name} {actor}", actor=actor, hidden=config["net_arch"], num_samples=config["num_samples"],
                                batch_size=batch_size, obs_dim=OBS_DIM, action_dim=ACTION_DIM, chunk=CHUNK)
                 jobs[f"reference {actor}"] = (lambda k, key=f"{name} {actor}": worker.request("act", key=key, n=k), n)
-        for _, (fn, _) in jobs.items():
-            fn(1)  # compiles the compiled models' sampling before any block is timed
+        # (interleaved_rates' warm-up call of each job compiles the compiled models' sampling before any block is timed)
         ms = {job: 1000 / rate for job, rate in interleaved_rates(jobs, repeats).items()}  # rates are chunks per second
         for actor in ("best_of_n", "distill"):
             reference = ms.get(f"reference {actor}")
