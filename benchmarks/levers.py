@@ -224,6 +224,14 @@ LEVERS = {
         "fork and join around each); the matmuls they call share OpenMP's pool, so they may run on one thread too",
         policy_kwargs=dict(compile_options={**SHIPPED, "cpp.threads": 1}),
     ),
+    **{
+        f"min-chunk-{size}": Lever(
+            f"the shipped inductor options with `cpp.min_chunk_size={size}`: a generated kernel runs on several threads only "
+            f"where each gets at least {size} elements (inductor's default: 512), so small kernels skip OpenMP's fork and join",
+            policy_kwargs=dict(compile_options={**SHIPPED, "cpp.min_chunk_size": size}),
+        )
+        for size in (64, 4096, 16384, 65536)
+    },
     "per-update-draws": Lever(
         "`train()` draws each update's batch and noise on its own (`QC.UPDATES_PER_DRAW = 1`) instead of those of up to 32 "
         "updates at once",
