@@ -438,7 +438,7 @@ def bench_updates(
     )
     lines = [
         f"Measured matmul throughput (1024^3, best of 5 blocks): fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s{onednn_text}; "
-        f"bf16 faster than fp32 on this device (`has_fast_bf16`): {fast} (so `sampling_precision='auto'` = {'bf16' if fast else 'fp32'} for batches of >= 64 observations, and for acting where one call's widest layer has >= 2^23 multiply-adds: the paper config's best-of-N). "
+        f"bf16 faster than fp32 on this device (`has_fast_bf16`): {fast} (so `sampling_precision='auto'` = {'bf16' if fast else 'fp32'} where one call of the widest layer has >= 2^23 multiply-adds and is >= 512 wide, or has >= 2^25 multiply-adds: the updates' sampling except QC-FQL's in the small config, and the paper config's best-of-N acting; the row's label says which the update's sampling ran in). "
         "`compile`: `compile_update=True` (the whole loss, forward and backward, one graph) and `compile_sampling=True` (acting). "
         "`bf16 training`: `training_precision='bfloat16'` (opt-in mixed precision of the gradient path; all other rows "
         "keep it in float32). `start-up s`: the first update and first action choice, each config in a fresh process "
@@ -572,7 +572,8 @@ def bench_config(
         flops, sampling_flops = counted[actor]
         with_onednn = compiled and onednn_pass(model.policy.inductor_options()) is not None
         float32_peak = peak32_onednn if with_onednn else peak32
-        sampling_peak = peak16 if precision == "auto" and fast else float32_peak
+        sampling_in_bf16 = model.policy.sampling_bf16(batch_size)  # "auto" decides by the networks and the batch
+        sampling_peak = peak16 if sampling_in_bf16 else float32_peak
         training_peak = peak16 if training == "bfloat16" else float32_peak
         bound_s = (flops - sampling_flops) / (training_peak * 1e9) + sampling_flops / (sampling_peak * 1e9)
         issue_reference = REFERENCE.get(name, (None, None))[actor == "distill"]
@@ -580,7 +581,7 @@ def bench_config(
         here = reference.get(actor)  # the reference measured on this machine (--reference), if given
         floor_key = (actor, precision, training, with_onednn)
         floor_rate = rates[f"floor {floor_key}"]  # matmul-only updates per second
-        label = "fp32" if precision == "float32" else ("auto: bf16" if fast else "auto: fp32")
+        label = "fp32" if precision == "float32" else ("auto: bf16" if sampling_in_bf16 else "auto: fp32")
         label += " + compile" if compiled else ""
         label += " + bf16 training" if training == "bfloat16" else ""
         lines.append(

@@ -15,7 +15,7 @@ from stable_baselines3.common.logger import configure
 from sb3_qchunk import QC, ChunkedActionWrapper
 from sb3_qchunk.common.evaluation import evaluate_success
 from sb3_qchunk.demo import RandomChunks
-from sb3_qchunk.common.precision import AUTO_BF16_MIN_BATCH, AUTO_BF16_MIN_MACS, has_fast_bf16, has_native_bf16
+from sb3_qchunk.common.precision import AUTO_BF16_MIN_MACS, AUTO_BF16_MIN_MACS_NARROW, AUTO_BF16_WIDE, has_fast_bf16, has_native_bf16
 from sb3_qchunk.qc.policies import aggregate_q
 from sb3_qchunk.common.env_util import wrap_chunked
 from sb3_qchunk.qc.qc import chunked_critic_target
@@ -355,10 +355,10 @@ def autocast_dtype(policy, batch_size=256):
 
 
 def test_sampling_precision_setting():
-    model = small_qc(chunk_size=2)
+    model = small_qc(chunk_size=2, num_samples=8, policy_kwargs=dict(net_arch=[256, 256]))
     assert model.policy.sampling_precision == "auto"
-    assert autocast_dtype(model.policy) == (th.bfloat16 if has_fast_bf16("cpu") else th.float32)
-    assert autocast_dtype(model.policy, batch_size=AUTO_BF16_MIN_BATCH - 1) == th.float32  # acting: casts cost more
+    assert autocast_dtype(model.policy) == (th.bfloat16 if has_fast_bf16("cpu") else th.float32)  # 256 x 8 rows
+    assert autocast_dtype(model.policy, batch_size=1) == th.float32  # acting: casts cost more
     model.policy.sampling_precision = "float32"
     assert autocast_dtype(model.policy) == th.float32
     model.policy.sampling_precision = "bfloat16"
@@ -368,18 +368,25 @@ def test_sampling_precision_setting():
         small_qc(policy_kwargs=dict(net_arch=[16, 16], sampling_precision="fp8"))
 
 
-def test_auto_sampling_precision_counts_rows_and_width_when_acting(monkeypatch):
+def test_auto_sampling_precision_counts_rows_and_width(monkeypatch):
     monkeypatch.setattr("sb3_qchunk.qc.policies.has_fast_bf16", lambda device_type: True)
+    assert (AUTO_BF16_MIN_MACS, AUTO_BF16_WIDE, AUTO_BF16_MIN_MACS_NARROW) == (2**23, 512, 2**25)
     wide = small_qc(num_samples=32, policy_kwargs=dict(net_arch=dict(pi=[512, 512], qf=[64])))
-    assert wide.policy.sampling_rows(3) == 96
-    assert 1 * 32 * 512**2 == AUTO_BF16_MIN_MACS
-    assert autocast_dtype(wide.policy, batch_size=1) == th.bfloat16  # one observation, 32 candidates, 512 wide
+    assert wide.policy.widest_layer == 512 and wide.policy.sampling_rows(3) == 96
+    assert autocast_dtype(wide.policy, batch_size=1) == th.bfloat16  # 32 x 512 x 512 = 2^23, 512 wide
     narrow = small_qc(num_samples=8, policy_kwargs=dict(net_arch=[256, 256]))
     assert autocast_dtype(narrow.policy, batch_size=1) == th.float32  # 8 x 256 x 256: the casts cost more
-    assert autocast_dtype(narrow.policy, batch_size=AUTO_BF16_MIN_BATCH) == th.bfloat16
-    distill = small_qc(actor_type="distill", policy_kwargs=dict(net_arch=[512, 512]))
+    assert autocast_dtype(narrow.policy, batch_size=63) == th.float32  # 504 x 256 x 256 < 2^25
+    assert autocast_dtype(narrow.policy, batch_size=64) == th.bfloat16  # 512 x 256 x 256 = 2^25
+    # QC-FQL: one row per observation. Its distillation target over 256x256 for a batch of 256 (2^24) stays float32;
+    # over 512x512 (2^26) it runs in bf16; acting (one row) in float32 either way.
+    distill = small_qc(actor_type="distill", policy_kwargs=dict(net_arch=[256, 256]))
     assert distill.policy.sampling_rows(3) == 3
-    assert autocast_dtype(distill.policy, batch_size=1) == th.float32  # the one-step actor: one row
+    assert autocast_dtype(distill.policy, batch_size=256) == autocast_dtype(distill.policy, batch_size=1) == th.float32
+    assert autocast_dtype(distill.policy, batch_size=512) == th.bfloat16
+    distill_wide = small_qc(actor_type="distill", policy_kwargs=dict(net_arch=[512, 512]))
+    assert autocast_dtype(distill_wide.policy, batch_size=256) == th.bfloat16
+    assert autocast_dtype(distill_wide.policy, batch_size=1) == th.float32
     monkeypatch.setattr("sb3_qchunk.qc.policies.has_fast_bf16", lambda device_type: False)
     assert autocast_dtype(wide.policy, batch_size=1) == autocast_dtype(wide.policy) == th.float32
 

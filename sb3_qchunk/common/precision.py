@@ -11,14 +11,17 @@ import torch as th
 
 SAMPLING_PRECISIONS = ("auto", "float32", "bfloat16")
 TRAINING_PRECISIONS = ("float32", "bfloat16")
-# "auto" samples in bf16 from this many observations per call: below it (acting in one env) the casts cost more
-# than the matmuls save (measured: best-of-8 for one observation, 256x256, 1.3 ms fp32 against 2.2 ms bf16).
-AUTO_BF16_MIN_BATCH = 64
-# ... and, however few the observations, from this many multiply-adds per call of the networks' widest layer
-# (rows x width x width; rows = observations x candidates): acting with best-of-32 over 4x512 networks (32 x 512 x 512
-# = 2^23) took 0.68x the time in bf16 (compiled; eager 0.73x) on a 2-core AMD EPYC Zen 5, where best-of-8 over
-# 256x256 (8 x 256 x 256 = 2^19) took 2.1x (eager 1.9x).
+# "auto" samples in bf16 where one call of the networks' widest layer has at least AUTO_BF16_MIN_MACS multiply-adds
+# (rows x width x width; rows = observations x candidates) and the layer is AUTO_BF16_WIDE wide or more, or at least
+# AUTO_BF16_MIN_MACS_NARROW multiply-adds however wide. Below, the casts cost more than the matmuls save: best-of-8 for
+# one observation over 256x256 (2^19) took 2.1x the time in bf16 (eager 1.9x) on a 2-core AMD EPYC Zen 5, and QC-FQL's
+# distillation target over 256x256 for a batch of 256 (2^24) ran 1.03-1.13x the updates/s in float32 on a 2-core Xeon
+# with AMX (even on the AMD CPUs); acting with best-of-32 over 4x512 (32 x 512 x 512 = 2^23) took 0.68x the time in bf16
+# (compiled; eager 0.73x) on the Zen 5, and best-of-8's critic target over 256x256 for a batch of 256 (2^27) ran
+# 1.4-1.6x the updates/s in bf16 on the Xeon with AMX.
 AUTO_BF16_MIN_MACS = 2**23
+AUTO_BF16_WIDE = 512
+AUTO_BF16_MIN_MACS_NARROW = 2**25
 # Below this many rows per layer, eager float32 sampling on a CPU runs with oneDNN off: torch's CPU GELU goes through
 # a oneDNN primitive whose set-up dominates small tensors (measured on a 2-core AMD EPYC Zen 4, torch 2.13: an
 # (8, 256) GELU 21-73 us with oneDNN against 4 us without; (256, 256) about even; (2048, 256) oneDNN faster), and

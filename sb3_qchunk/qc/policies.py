@@ -20,8 +20,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from sb3_qchunk.common.precision import (
-    AUTO_BF16_MIN_BATCH,
     AUTO_BF16_MIN_MACS,
+    AUTO_BF16_MIN_MACS_NARROW,
+    AUTO_BF16_WIDE,
     ONEDNN_MIN_ROWS,
     SAMPLING_PRECISIONS,
     TRAINING_PRECISIONS,
@@ -331,8 +332,8 @@ class QCPolicy(BasePolicy):
     :param sampling_precision: precision of the no-gradient sampling path (flow integration of the N
         candidate chunks, their critic scores, the distillation target): "bfloat16" (autocast; master weights,
         losses and gradients stay float32), "float32", or "auto" = bfloat16 where bf16 matmuls are faster than
-        float32 on the device (:func:`has_fast_bf16`) and batches of at least ``AUTO_BF16_MIN_BATCH`` observations or
-        ``AUTO_BF16_MIN_MACS`` multiply-adds per call of the widest layer (acting with large networks), float32 elsewhere
+        float32 on the device (:func:`has_fast_bf16`) and one call of the widest layer has enough multiply-adds to
+        pay for the casts (:meth:`QCPolicy.sampling_bf16`), float32 elsewhere
     :param training_precision: precision of the gradient path (the losses' forward and backward): "float32"
         (default), or "bfloat16" for mixed precision: bf16 autocast over the networks, with float32 master weights,
         optimizer state, loss arithmetic and critic output layer. Opt-in: it changes the numerics of learning;
@@ -521,22 +522,25 @@ class QCPolicy(BasePolicy):
     def sampling_bf16(self, batch_size: int) -> bool:
         """
         Whether the no-gradient sampling path runs in bfloat16 autocast: when ``sampling_precision`` says so, or it
-        is "auto", bf16 is faster than float32 on the device, and the batch has at least ``AUTO_BF16_MIN_BATCH``
-        observations (the critic target, the distillation target) or its rows (:meth:`sampling_rows`) times the square
-        of the networks' widest layer reach ``AUTO_BF16_MIN_MACS`` (acting with large networks; not acting with small
-        ones in a few envs). Results are cast back to float32 by the callers, so the gradient path never sees bf16
-        tensors.
+        is "auto", bf16 is faster than float32 on the device, and one call of the networks' widest layer has enough
+        multiply-adds (its rows, :meth:`sampling_rows`, times its width squared) to pay for the casts: at least
+        ``AUTO_BF16_MIN_MACS`` where the layer is ``AUTO_BF16_WIDE`` wide or more, ``AUTO_BF16_MIN_MACS_NARROW``
+        where it is narrower (the critic target of best-of-8 over 256x256 for a batch of 256 runs in bf16; QC-FQL's
+        distillation target over 256x256 and acting in a few envs with small networks stay float32; acting with
+        best-of-32 over 512-wide networks runs in bf16). Results are cast back to float32 by the callers, so the
+        gradient path never sees bf16 tensors.
 
         :param batch_size: number of observations the sampling is for
         """
         if self.sampling_precision == "auto":
-            large = batch_size >= AUTO_BF16_MIN_BATCH or self.sampling_rows(batch_size) * self.widest_layer**2 >= AUTO_BF16_MIN_MACS
-            return large and has_fast_bf16(self.device.type)
+            macs = self.sampling_rows(batch_size) * self.widest_layer**2
+            enough = macs >= (AUTO_BF16_MIN_MACS if self.widest_layer >= AUTO_BF16_WIDE else AUTO_BF16_MIN_MACS_NARROW)
+            return enough and has_fast_bf16(self.device.type)
         return self.sampling_precision == "bfloat16"
 
     @property
     def widest_layer(self) -> int:
-        """The largest hidden layer of the actor and critic networks (with the rows, it decides "auto" for acting)."""
+        """The largest hidden layer of the actor and critic networks (with the rows, it decides "auto")."""
         return max(self.actor_arch + self.critic_arch, default=0)
 
     def sampling_rows(self, batch_size: int) -> int:
