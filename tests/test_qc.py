@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch as th
 from gymnasium import spaces
+from torch import nn
 from scripted_envs import ScriptedEnv, SparseChainEnv
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
@@ -780,6 +781,58 @@ def test_flow_integration_is_euler_steps_of_the_velocity_with_a_column_of_times(
     with th.no_grad(), th.autocast("cpu", dtype=th.bfloat16):
         th.testing.assert_close(by_integrate().float(), by_velocity().float(), rtol=0, atol=0.05)
         th.testing.assert_close(by_integrate().float(), expected, rtol=0, atol=0.1)
+
+
+def test_layers_called_directly_agree_with_the_modules_and_hooks_always_run(monkeypatch):
+    """The flow's Euler steps and the critic's layers call the layers' forward without nn.Module.__call__ where no hook
+    can run (direct_call): the same chunks and Q values as calling the modules, and a hook registered on a layer or
+    globally runs at every call."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    import sb3_qchunk.qc.policies as policies
+    from sb3_qchunk.common.torch_layers import direct_call
+
+    linear = nn.Linear(3, 4)
+    x = th.randn(2, 3)
+    assert direct_call(linear) is not linear and th.equal(direct_call(linear)(x), linear(x))
+    assert direct_call(nn.GELU()) != direct_call(nn.GELU())  # each module's own forward
+
+    model = small_qc(num_samples=4, policy_kwargs=dict(net_arch=[16, 16]))
+    policy = model.policy
+    obs = th.randn(3, 3)
+    noise = policy.sampling_noise(3)
+    features = th.randn(3, 3)
+    candidates = th.rand(3, 4, model.chunk_size) * 2 - 1
+
+    def chunks_and_q() -> tuple[th.Tensor, th.Tensor]:
+        with th.no_grad():
+            return policy.sample_chunks_from_noise(obs, noise), policy.critic.q_from_features(features, candidates)
+
+    direct = chunks_and_q()
+    monkeypatch.setattr(policies, "direct_call", lambda module: module)  # every layer through nn.Module.__call__
+    through_modules = chunks_and_q()
+    monkeypatch.undo()
+    for got, expected in zip(direct, through_modules):
+        th.testing.assert_close(got, expected, rtol=0, atol=0)
+
+    calls = []
+    flow_layer, critic_layer = policy.actor.flow.body[0], policy.critic.body[0]  # both GELUs
+    handles = [layer.register_forward_hook(lambda module, args, out: calls.append(module)) for layer in (flow_layer, critic_layer)]
+    chunks_and_q()
+    # every Euler step; the critic twice: scoring the candidates, then q_from_features
+    assert calls.count(flow_layer) == model.policy.flow_steps and calls.count(critic_layer) == 2
+    for handle in handles:
+        handle.remove()
+    seen = set()
+    handle = register_module_forward_hook(lambda module, args, out: seen.add(module))
+    try:
+        chunks_and_q()
+    finally:
+        handle.remove()
+    assert {flow_layer, critic_layer} <= seen
+    calls.clear()
+    chunks_and_q()
+    assert not calls  # hooks removed: called directly again
 
 
 def test_train_draws_several_updates_at_once_within_its_bounds(monkeypatch):

@@ -1,12 +1,42 @@
 """Layers of an ensemble of networks evaluated together (the critics of QC), and a fused Linear+GELU for sampling."""
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch as th
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.modules import module as module_internals
 from torch.utils.flop_counter import register_flop_formula
+
+# nn.Module.__call__ runs a module's forward hooks and backward hooks from these registries besides the module's own.
+_GLOBAL_HOOKS = (
+    "_global_forward_pre_hooks",
+    "_global_forward_hooks",
+    "_global_backward_pre_hooks",
+    "_global_backward_hooks",
+)
+
+
+def direct_call(module: nn.Module) -> Callable[[th.Tensor], th.Tensor]:
+    """
+    ``module`` as a function of its input, for layers called many times in a row (the flow's Euler steps, the
+    critic's layers): its ``forward`` without ``nn.Module.__call__``'s dispatch (a few microseconds a call, tens of
+    calls when choosing a chunk), and for an ``nn.Linear`` a call of ``F.linear`` on its weight and bias as they are
+    now. Only where no hook can run on the module (none registered on it, none registered globally) and outside
+    ``torch.compile``'s tracing; the module itself otherwise, so hooks always run.
+
+    :param module: the layer
+    """
+    hooks = [module._forward_pre_hooks, module._forward_hooks, module._backward_pre_hooks, module._backward_hooks]
+    hooks += [getattr(module_internals, name, True) for name in _GLOBAL_HOOKS]  # a registry torch lacks: as if hooked
+    if any(hooks) or th.compiler.is_compiling():
+        return module
+    if type(module) is nn.Linear:
+        weight, bias = module.weight, module.bias
+        return lambda x: F.linear(x, weight, bias)
+    return module.forward
 
 
 class EnsembleLinear(nn.Module):

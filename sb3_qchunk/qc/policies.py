@@ -31,7 +31,7 @@ from sb3_qchunk.common.precision import (
     has_fast_bf16,
     onednn_disabled,
 )
-from sb3_qchunk.common.torch_layers import EnsembleLayerNorm, EnsembleLinear, fused_linear_gelu_dtype, linear_gelu
+from sb3_qchunk.common.torch_layers import EnsembleLayerNorm, EnsembleLinear, direct_call, fused_linear_gelu_dtype, linear_gelu
 
 ACTOR_TYPES = ("best_of_n", "distill")
 Q_AGGREGATIONS = ("mean", "min")
@@ -91,12 +91,12 @@ class FlowVelocityField(nn.Module):
         hidden = obs_embedding + self.xt_in(th.cat([x, t], dim=-1))
         return self._run_body(hidden, self._body_plan(hidden))
 
-    def _body_plan(self, hidden: th.Tensor) -> list[nn.Module | tuple[nn.Linear, th.dtype]]:
+    def _body_plan(self, hidden: th.Tensor) -> list[Callable[[th.Tensor], th.Tensor] | tuple[nn.Linear, th.dtype]]:
         """
         How the layers after the first one's linear part run for inputs shaped like ``hidden`` (its pre-activation),
-        in the current gradient and autocast mode: each layer as itself, except a Linear+GELU pair that runs as one
-        :func:`~sb3_qchunk.common.torch_layers.linear_gelu` call at these sizes, given as (the Linear, the call's
-        precision). Decided once for all Euler steps of an integration.
+        in the current gradient and autocast mode: each layer as itself (:func:`~sb3_qchunk.common.torch_layers.direct_call`),
+        except a Linear+GELU pair that runs as one :func:`~sb3_qchunk.common.torch_layers.linear_gelu` call at these
+        sizes, given as (the Linear, the call's precision). Decided once for all Euler steps of an integration.
         """
         rows = hidden.numel() // hidden.shape[-1]
         layers, plan, i = list(self.body), [], 0
@@ -104,12 +104,12 @@ class FlowVelocityField(nn.Module):
             dtype = (
                 fused_linear_gelu_dtype(rows, hidden.dtype, hidden.device, layers[i], layers[i + 1]) if i + 1 < len(layers) else None
             )
-            plan.append(layers[i] if dtype is None else (layers[i], dtype))
+            plan.append(direct_call(layers[i]) if dtype is None else (layers[i], dtype))
             i += 1 if dtype is None else 2
         return plan
 
     @staticmethod
-    def _run_body(hidden: th.Tensor, plan: list[nn.Module | tuple[nn.Linear, th.dtype]]) -> th.Tensor:
+    def _run_body(hidden: th.Tensor, plan: list[Callable[[th.Tensor], th.Tensor] | tuple[nn.Linear, th.dtype]]) -> th.Tensor:
         """The layers of ``plan`` (:meth:`_body_plan`) on the first layer's pre-activation ``hidden``."""
         for layer in plan:
             if isinstance(layer, tuple):  # large no-gradient batches: one oneDNN call
@@ -288,7 +288,7 @@ class EnsembleCritic(BaseModel):
             hidden = (action_part.view(self.n_critics, *batch_shape, -1) + obs_part.unsqueeze(2)).flatten(1, 2)
         else:
             hidden = action_part + obs_part
-        *hidden_layers, output_layer = self.body  # (slicing the Sequential would build a new one at each call)
+        *hidden_layers, output_layer = map(direct_call, self.body)  # (slicing the Sequential would build a new one)
         for layer in hidden_layers:
             hidden = layer(hidden)
         # The output layer runs in float32 even under bf16 autocast: bf16 keeps ~3 significant digits, too few
