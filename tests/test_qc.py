@@ -516,6 +516,37 @@ def test_one_graph_update_follows_new_optimizer_state_and_learning_rate():
             np.testing.assert_allclose(state["exp_avg_sq"].numpy(), expected["exp_avg_sq"].numpy(), rtol=1e-4, atol=1e-9)
 
 
+def test_one_graph_update_follows_a_learning_rate_schedule_without_recompiling():
+    """
+    A learning-rate schedule changes the optimizers' learning rate at every ``train`` call: QC-FQL's compiled one-graph
+    update takes it as an input (no recompilation, which dynamo would give up after 8 and fall back to eager code that
+    cannot run it), and steps with each new value as the eager update does.
+    """
+    from torch._dynamo.utils import counters
+
+    kwargs = dict(chunk_size=3, actor_type="distill", policy_kwargs=dict(net_arch=[16, 16], sampling_precision="float32"))
+    scheduled = small_qc(**kwargs, compile_update=True, learning_rate=lambda progress: 1e-3 * progress)
+    scheduled.learn(80)  # 60 train calls, each with a learning rate of its own
+    assert compiled_parts(scheduled)[0] is not None
+    assert scheduled.actor.optimizer.param_groups[0]["lr"] < 1e-4  # the schedule's last value, near the end
+    graphs = counters["stats"]["unique_graphs"]
+    eager = small_qc(**kwargs)
+    eager.learn(60)
+    scheduled.policy.load_state_dict(eager.policy.state_dict())
+    for name in ("actor", "critic"):
+        getattr(scheduled, name).optimizer.load_state_dict(copy.deepcopy(getattr(eager, name).optimizer.state_dict()))
+    data = eager.replay_buffer.sample(16)
+    for step in range(10):
+        for model in (eager, scheduled):
+            for optimizer in (model.actor.optimizer, model.critic.optimizer):
+                for group in optimizer.param_groups:
+                    group["lr"] = 1e-3 * (step + 1)
+        assert_same_step_stats(eager, scheduled, data, rel=1e-4, abs=1e-5)
+    assert counters["stats"]["unique_graphs"] == graphs
+    for name, param in eager.policy.state_dict().items():
+        np.testing.assert_allclose(scheduled.policy.state_dict()[name].numpy(), param.numpy(), atol=1e-5, err_msg=name)
+
+
 def test_one_graph_update_is_compiled_once_for_many_models():
     """
     Models of one configuration share the compiled one-graph update (as RL Zoo's hyperparameter search builds many

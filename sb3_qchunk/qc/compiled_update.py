@@ -107,7 +107,7 @@ class CompiledUpdate:
         optimizer objects themselves would be specialised to them (one compilation per model).
 
         :return: the parameter names in the optimizers' order; per parameter group its parameters, ``exp_avg``,
-            ``exp_avg_sq`` and ``step`` tensors; per group its Adam settings
+            ``exp_avg_sq`` and ``step`` tensors; per group its Adam settings (the learning rate as a 0-d tensor)
         """
         model = self.model
         names, tensors, settings = [], [], []
@@ -124,7 +124,10 @@ class CompiledUpdate:
                     dict(
                         beta1=group["betas"][0],
                         beta2=group["betas"][1],
-                        lr=group["lr"],
+                        # A tensor: the compiled code reads its value at each call. A Python float would be compiled
+                        # in as a constant, so a learning-rate schedule would recompile the update at every change
+                        # (and dynamo give up on it after 8).
+                        lr=th.as_tensor(group["lr"], dtype=th.float32, device=group["params"][0].device),
                         weight_decay=group["weight_decay"],
                         eps=group["eps"],
                         maximize=group["maximize"],
