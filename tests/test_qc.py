@@ -547,6 +547,32 @@ def test_one_graph_update_follows_a_learning_rate_schedule_without_recompiling()
         np.testing.assert_allclose(scheduled.policy.state_dict()[name].numpy(), param.numpy(), atol=1e-5, err_msg=name)
 
 
+def test_one_graph_update_runs_as_plain_python_where_dynamo_gives_up_on_it():
+    """
+    After ``recompile_limit`` compilations of the one-graph step (a hyperparameter search building many configurations
+    in one process), dynamo runs it as plain Python: it then gives the eager update's steps too.
+    """
+    kwargs = dict(chunk_size=3, actor_type="distill", policy_kwargs=dict(net_arch=[16, 16], sampling_precision="float32"))
+    eager = small_qc(**kwargs)
+    eager.learn(60)
+    plain = small_qc(**kwargs, compile_update=True)
+    plain.learn(45)
+    update = plain._compiled_update
+    assert update.step is not None
+    update.step = update._one_graph_step  # what dynamo calls once it has given up on the compiled one
+    plain.policy.load_state_dict(eager.policy.state_dict())
+    for name in ("actor", "critic"):
+        getattr(plain, name).optimizer.load_state_dict(copy.deepcopy(getattr(eager, name).optimizer.state_dict()))
+    data = eager.replay_buffer.sample(16)
+    for _ in range(2):
+        assert_same_step_stats(eager, plain, data, rel=1e-4, abs=1e-5)
+    for name, param in eager.policy.state_dict().items():
+        np.testing.assert_allclose(plain.policy.state_dict()[name].numpy(), param.numpy(), atol=1e-5, err_msg=name)
+    for name in ("actor", "critic"):
+        for expected, state in zip(getattr(eager, name).optimizer.state.values(), getattr(plain, name).optimizer.state.values()):
+            assert float(state["step"]) == float(expected["step"])
+
+
 def test_one_graph_update_is_compiled_once_for_many_models():
     """
     Models of one configuration share the compiled one-graph update (as RL Zoo's hyperparameter search builds many

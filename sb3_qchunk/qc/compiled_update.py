@@ -155,6 +155,11 @@ class CompiledUpdate:
             return th.func.functional_call(self._losses_module, swapped, inputs, strict=False)
 
         grads, stats = th.func.grad(losses_of, has_aux=True)(params)
+        # Compiled, Adam takes its step counts and learning rate as tensors: no host sync inside the graph. Where dynamo
+        # runs this function as plain Python instead (after `torch._dynamo.config.recompile_limit` compilations of it,
+        # e.g. a hyperparameter search that builds many configurations in one process), Adam's CPU code needs them as
+        # numbers (capturable=False).
+        compiling = th.compiler.is_compiling()
         start = 0
         with th.no_grad():
             for (group_params, exp_avgs, exp_avg_sqs, steps), group_settings in zip(tensors, settings):
@@ -168,8 +173,8 @@ class CompiledUpdate:
                     steps,
                     amsgrad=False,
                     foreach=True,
-                    capturable=True,  # the step count stays a tensor: no host sync inside the graph
-                    **group_settings,
+                    capturable=compiling,
+                    **(group_settings if compiling else {**group_settings, "lr": float(group_settings["lr"])}),
                 )
                 start = end
             th._foreach_lerp_(model._target_params, model._online_params, model.tau)
