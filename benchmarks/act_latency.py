@@ -2,8 +2,9 @@
 Latency of one chunk choice (``QC.predict`` on one observation): the eager path as shipped, the eager path with
 oneDNN left on for small batches (what :meth:`~sb3_qchunk.qc.policies.QCPolicy.small_eager_sampling` switches off),
 ``compile_sampling=True``, and with ``--reference-src`` the authors' ``sample_actions`` (set-up:
-``benchmarks/reference.py``), all taking turns block by block, the median block kept. Small config (256x256, N=8) and
-paper config (4x512, N=32), both actors, ``sampling_precision="auto"``.
+``benchmarks/reference.py``), all taking turns block by block, the median block kept; ours over the reference as the
+median (and quartiles) of the ratios of the blocks of one round, which the host's drift between rounds does not move.
+Small config (256x256, N=8) and paper config (4x512, N=32), both actors, ``sampling_precision="auto"``.
 
     python benchmarks/act_latency.py --out benchmarks/results/act_latency_<machine>.md
     python benchmarks/act_latency.py --reference-src ../qc --reference-python ../qc-venv/bin/python --out ...
@@ -11,6 +12,7 @@ paper config (4x512, N=32), both actors, ``sampling_precision="auto"``.
 """
 
 import argparse
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,7 @@ from throughput import (  # benchmarks/ is the script's directory
     OBS_DIM,
     SMOKE_CONFIG,
     ReferenceProcess,
-    interleaved_rates,
+    interleaved_blocks,
     make_qc,
     report_header,
     write_report,
@@ -42,9 +44,16 @@ def predicts(model, n: int, onednn_switch: bool = True) -> None:
             del policy.small_eager_sampling
 
 
+def paired(ours: list[float], reference: list[float]) -> str:
+    """The median of the rounds' ratios ours / reference, with their quartiles."""
+    ratios = [a / b for a, b in zip(ours, reference)]
+    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return f"{statistics.median(ratios):.2f} ({q1:.2f}-{q3:.2f})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=7, help="timed blocks of each (the median is kept)")
+    parser.add_argument("--repeats", type=int, default=21, help="rounds of timed blocks (medians are kept)")
     parser.add_argument("--reference-src", type=Path, default=None, help="a checkout of the authors' code, timed in turns")
     parser.add_argument("--reference-python", type=str, default=None, help="the Python of the reference's venv")
     parser.add_argument("--smoke", action="store_true")
@@ -58,9 +67,11 @@ def main() -> None:
     lines = [
         *report_header("Chunk choice latency (one observation): eager, compiled and the reference's", "cpu"),
         "",
-        "Milliseconds per `predict`, median of interleaved blocks. `eager, oneDNN on`: the eager path without the "
-        "small-batch oneDNN switch; `eager`: as shipped; `compiled`: `compile_sampling=True`; `reference`: the "
-        "authors' jitted `sample_actions` followed by `np.array` (with `--reference-src`).",
+        f"Milliseconds per `predict`, median of {repeats} rounds of blocks, the jobs taking turns in each round. `eager, "
+        "oneDNN on`: the eager path without the small-batch oneDNN switch; `eager`: as shipped; `compiled`: "
+        "`compile_sampling=True`; `reference`: the authors' jitted `sample_actions` followed by `np.array` (with "
+        "`--reference-src`). `/ reference`: the median of the rounds' ratios of our block's time per choice to the "
+        "reference's (quartiles in brackets).",
         "",
         "| config | actor | eager, oneDNN on | eager | compiled | reference | eager / reference | compiled / reference |",
         "|---|---|---|---|---|---|---|---|",
@@ -76,7 +87,7 @@ def main() -> None:
         }
         jobs = {}
         for actor in ("best_of_n", "distill"):
-            n = 2 if args.smoke else (20 if actor == "best_of_n" else 200)
+            n = 2 if args.smoke else ((100 if name == "small" else 20) if actor == "best_of_n" else 500)
             jobs[f"on {actor}"] = (lambda k, m=eager[actor]: predicts(m, k, onednn_switch=False), n)
             jobs[f"eager {actor}"] = (lambda k, m=eager[actor]: predicts(m, k), n)
             jobs[f"compiled {actor}"] = (lambda k, m=compiled[actor]: predicts(m, k), n)
@@ -85,11 +96,16 @@ def main() -> None:
                                batch_size=batch_size, obs_dim=OBS_DIM, action_dim=ACTION_DIM, chunk=CHUNK)
                 jobs[f"reference {actor}"] = (lambda k, key=f"{name} {actor}": worker.request("act", key=key, n=k), n)
         # (interleaved_rates' warm-up call of each job compiles the compiled models' sampling before any block is timed)
-        ms = {job: 1000 / rate for job, rate in interleaved_rates(jobs, repeats).items()}  # rates are chunks per second
+        blocks = {job: [1000 / rate for rate in rates] for job, rates in interleaved_blocks(jobs, repeats).items()}  # ms
+        ms = {job: statistics.median(values) for job, values in blocks.items()}
         for actor in ("best_of_n", "distill"):
             reference = ms.get(f"reference {actor}")
             eager_ms, compiled_ms = ms[f"eager {actor}"], ms[f"compiled {actor}"]
-            ratios = (f"{eager_ms / reference:.2f} | {compiled_ms / reference:.2f}") if reference else "- | -"
+            ratios = (
+                " | ".join(paired(blocks[f"{path} {actor}"], blocks[f"reference {actor}"]) for path in ("eager", "compiled"))
+                if reference
+                else "- | -"
+            )
             lines.append(
                 f"| {name} | {actor} | {ms[f'on {actor}']:.3f} | {eager_ms:.3f} | {compiled_ms:.3f} | "
                 f"{f'{reference:.3f}' if reference else '-'} | {ratios} |"

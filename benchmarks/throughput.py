@@ -235,9 +235,9 @@ def make_sac(net_arch: list[int], batch_size: int, device: str) -> SAC:
     return model
 
 
-def interleaved_rates(jobs: dict[str, tuple[Callable[[int], Any], int]], repeats: int) -> dict[str, float]:
+def interleaved_blocks(jobs: dict[str, tuple[Callable[[int], Any], int]], repeats: int) -> dict[str, list[float]]:
     """
-    Median rate (units per second) of each ``fn(n)`` over ``repeats`` timed blocks, the jobs taking turns.
+    The rate (units per second) of each ``fn(n)`` in each of ``repeats`` rounds, the jobs taking turns within a round.
 
     :param jobs: name -> (fn, n): ``fn(n)`` does n units of work (one warm-up call of ``max(1, n // 5)`` first)
     """
@@ -249,7 +249,12 @@ def interleaved_rates(jobs: dict[str, tuple[Callable[[int], Any], int]], repeats
             start = time.perf_counter()
             fn(n)
             rates[name].append(n / (time.perf_counter() - start))
-    return {name: statistics.median(values) for name, values in rates.items()}
+    return rates
+
+
+def interleaved_rates(jobs: dict[str, tuple[Callable[[int], Any], int]], repeats: int) -> dict[str, float]:
+    """Median rate (units per second) of each ``fn(n)`` over ``repeats`` timed blocks, the jobs taking turns."""
+    return {name: statistics.median(values) for name, values in interleaved_blocks(jobs, repeats).items()}
 
 
 def update_flops(model: QC) -> tuple[float, float]:
