@@ -853,6 +853,9 @@ def test_layers_called_directly_agree_with_the_modules_and_hooks_always_run(monk
     x = th.randn(2, 3)
     assert direct_call(linear) is not linear and th.equal(direct_call(linear)(x), linear(x))
     assert direct_call(nn.GELU()) != direct_call(nn.GELU())  # each module's own forward
+    compiled_in_place = nn.GELU()
+    compiled_in_place.compile()
+    assert direct_call(compiled_in_place) is compiled_in_place  # its __call__ runs the compiled code
 
     model = small_qc(num_samples=4, policy_kwargs=dict(net_arch=[16, 16]))
     policy = model.policy

@@ -24,14 +24,15 @@ def direct_call(module: nn.Module) -> Callable[[th.Tensor], th.Tensor]:
     ``module`` as a function of its input, for layers called many times in a row (the flow's Euler steps, the
     critic's layers): its ``forward`` without ``nn.Module.__call__``'s dispatch (a few microseconds a call, tens of
     calls when choosing a chunk), and for an ``nn.Linear`` a call of ``F.linear`` on its weight and bias as they are
-    now. Only where no hook can run on the module (none registered on it, none registered globally) and outside
-    ``torch.compile``'s tracing; the module itself otherwise, so hooks always run.
+    now. Only where no hook can run on the module (none registered on it, none registered globally), the module was
+    not compiled in place (``Module.compile``) and outside ``torch.compile``'s tracing; the module itself otherwise,
+    so hooks always run.
 
     :param module: the layer
     """
     hooks = [module._forward_pre_hooks, module._forward_hooks, module._backward_pre_hooks, module._backward_hooks]
     hooks += [getattr(module_internals, name, True) for name in _GLOBAL_HOOKS]  # a registry torch lacks: as if hooked
-    if any(hooks) or th.compiler.is_compiling():
+    if any(hooks) or getattr(module, "_compiled_call_impl", None) is not None or th.compiler.is_compiling():
         return module
     if type(module) is nn.Linear:
         weight, bias = module.weight, module.bias
