@@ -69,6 +69,7 @@ class CompiledUpdate:
         self.step: Callable[..., th.Tensor] | None = None
         self._losses_module: _LossesModule | None = None
         self._name_of: dict[th.Tensor, str] = {}  # the policy's parameters' names (built when one is missing)
+        self._learning_rates: dict[int, tuple[float, th.Tensor]] = {}  # per parameter group: (value, 0-d tensor)
 
     def __call__(self, inputs: tuple[Any, ...]) -> th.Tensor:
         """
@@ -113,6 +114,7 @@ class CompiledUpdate:
         names, tensors, settings = [], [], []
         for optimizer in (model.critic.optimizer, model.actor.optimizer):
             for group in optimizer.param_groups:
+                index = len(settings)
                 state = [optimizer.state[param] for param in group["params"]]
                 if any(param not in self._name_of for param in group["params"]):
                     self._name_of = {param: name for name, param in model.policy.named_parameters()}
@@ -124,10 +126,7 @@ class CompiledUpdate:
                     dict(
                         beta1=group["betas"][0],
                         beta2=group["betas"][1],
-                        # A tensor: the compiled code reads its value at each call. A Python float would be compiled
-                        # in as a constant, so a learning-rate schedule would recompile the update at every change
-                        # (and dynamo give up on it after 8).
-                        lr=th.as_tensor(group["lr"], dtype=th.float32, device=group["params"][0].device),
+                        lr=self._learning_rate(index, group),
                         weight_decay=group["weight_decay"],
                         eps=group["eps"],
                         maximize=group["maximize"],
@@ -135,6 +134,23 @@ class CompiledUpdate:
                     )
                 )
         return names, tensors, settings
+
+    def _learning_rate(self, index: int, group: dict[str, Any]) -> th.Tensor:
+        """
+        The learning rate of the optimizers' ``index``-th parameter group as a 0-d tensor on its parameters' device,
+        which the compiled code reads at each call: a Python float would be compiled in as a constant, so that a
+        learning-rate schedule recompiled the update at every change (and dynamo gave up on it after 8). One tensor
+        per group, refilled when the value changes (a new one at each update would be a copy to the device, which
+        waits for the GPU's queued work).
+        """
+        value, device = float(group["lr"]), group["params"][0].device
+        cached = self._learning_rates.get(index)
+        if cached is None or cached[1].device != device:
+            cached = (value, th.tensor(value, dtype=th.float32, device=device))
+        elif cached[0] != value:
+            cached = (value, cached[1].fill_(value))
+        self._learning_rates[index] = cached
+        return cached[1]
 
     def _one_graph_step(
         self, inputs: tuple[Any, ...], names: list[str], tensors: list[tuple[list[th.Tensor], ...]], settings: list[dict[str, Any]]
