@@ -253,6 +253,11 @@ LEVERS = {
         "`sampling_precision='float32'`: the sampling path (critic target, distillation target) without bf16",
         policy_kwargs=dict(sampling_precision="float32"),
     ),
+    "bf16-sampling": Lever(
+        "`sampling_precision='bfloat16'`: the sampling path in bf16 at every size (what \"auto\" chooses only where one "
+        "call of the widest layer is large enough)",
+        policy_kwargs=dict(sampling_precision="bfloat16"),
+    ),
     "fp32-sampling-onednn-linear-gelu": Lever(
         "`sampling_precision='float32'` with the flow's hidden Linear+GELU pairs as one oneDNN float32 matmul with a "
         "GELU post-op (no-gradient path; compare with `fp32-sampling` as the baseline)",
