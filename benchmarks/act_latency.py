@@ -45,9 +45,9 @@ def predicts(model, n: int, onednn_switch: bool = True) -> None:
 
 
 def paired(ours: list[float], reference: list[float]) -> str:
-    """The median of the rounds' ratios ours / reference, with their quartiles."""
+    """The median of the rounds' ratios ours / reference, with their quartiles (interpolated within the ratios seen)."""
     ratios = [a / b for a, b in zip(ours, reference)]
-    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
     return f"{statistics.median(ratios):.2f} ({q1:.2f}-{q3:.2f})"
 
 
