@@ -3,8 +3,9 @@ Throughput of sb3-qchunk on this machine, in one run:
 
 1. Gradient updates per second of QC (best-of-N and QC-FQL) against SB3's SAC with the same networks (as a
    ratio), for the plain float32 path and the fast path (``sampling_precision="auto"``: bf16 sampling on devices
-   where bf16 is faster than fp32, for layers whose calls are large enough to pay for the casts), and the latency of choosing one chunk. Small config: 256x256, N=8; paper config: 4x512,
-   N=32; both batch 256, h=5, obs 28, action 5 (OGBench cube-single's sizes), flow_steps 10, 2 critics.
+   where bf16 is faster than fp32, for layers whose calls are large enough to pay for the casts), and the latency of
+   choosing one chunk. Small config: 256x256, N=8; paper config: 4x512, N=32; both batch 256, h=5, obs 28, action 5
+   (OGBench cube-single's sizes), flow_steps 10, 2 critics.
    With ``--reference FILE`` (a JSON of the authors' JAX code's rates measured on this machine, e.g.
    ``benchmarks/results/reference_amd_epyc.json``), each row also gets its ratio to the reference's rate for the
    same config and actor, and the goals are checked against it (1.5x the reference for small, 2x for paper).

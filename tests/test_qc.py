@@ -429,6 +429,20 @@ def test_compiled_sampling_matches_eager(actor_type):
     np.testing.assert_allclose(chunks.numpy(), expected.numpy(), atol=1e-5)
 
 
+def copy_training_state(source, target):
+    """``target`` takes ``source``'s weights and both optimizers' state (deep copies: load_state_dict would share the
+    moment tensors between the two optimizers)."""
+    target.policy.load_state_dict(source.policy.state_dict())
+    for name in ("actor", "critic"):
+        getattr(target, name).optimizer.load_state_dict(copy.deepcopy(getattr(source, name).optimizer.state_dict()))
+
+
+def assert_same_weights(expected, model, atol=1e-5):
+    """Every tensor of the two policies' state dicts agrees within ``atol``."""
+    for name, param in expected.policy.state_dict().items():
+        np.testing.assert_allclose(model.policy.state_dict()[name].numpy(), param.numpy(), atol=atol, err_msg=name)
+
+
 def assert_same_step_stats(reference, other, data, rel, abs):
     """One update of each model on ``data`` from the same seed; their statistics agree within the tolerances."""
     th.manual_seed(3)
@@ -447,18 +461,14 @@ def test_compiled_update_matches_eager(actor_type):
     eager = small_qc(**kwargs)
     eager.learn(60)
     compiled = small_qc(**kwargs, compile_update=True)
-    compiled.policy.load_state_dict(eager.policy.state_dict())
-    # (deep copies: load_state_dict would share the moment tensors between the two optimizers)
-    compiled.actor.optimizer.load_state_dict(copy.deepcopy(eager.actor.optimizer.state_dict()))
-    compiled.critic.optimizer.load_state_dict(copy.deepcopy(eager.critic.optimizer.state_dict()))
+    copy_training_state(eager, compiled)
     data = eager.replay_buffer.sample(16)
     for _ in range(2):
         assert_same_step_stats(eager, compiled, data, rel=1e-4, abs=1e-5)
     # QC-FQL compiles its whole update (gradient, Adam, Polyak) as one graph, best-of-N its losses.
     assert compiled_parts(compiled)[0 if actor_type == "distill" else 1] is not None
     assert eager._compiled_update is None
-    for name, param in eager.policy.state_dict().items():
-        np.testing.assert_allclose(compiled.policy.state_dict()[name].numpy(), param.numpy(), atol=1e-5, err_msg=name)
+    assert_same_weights(eager, compiled)
 
 
 @pytest.mark.skipif(not th.backends.mkldnn.is_available(), reason="torch built without oneDNN")
@@ -474,16 +484,13 @@ def test_compiled_update_with_onednn_matmuls_matches_eager(actor_type):
     eager.learn(200)
     options = compile_options(th.device("cpu"), onednn_matmuls=True)
     compiled = small_qc(**kwargs, compile_update=True, policy_kwargs=dict(net, compile_options=options))
-    compiled.policy.load_state_dict(eager.policy.state_dict())
-    compiled.actor.optimizer.load_state_dict(copy.deepcopy(eager.actor.optimizer.state_dict()))
-    compiled.critic.optimizer.load_state_dict(copy.deepcopy(eager.critic.optimizer.state_dict()))
+    copy_training_state(eager, compiled)
     data = eager.replay_buffer.sample(128)
     with th.profiler.profile(activities=[th.profiler.ProfilerActivity.CPU]) as profile:
         for _ in range(2):
             assert_same_step_stats(eager, compiled, data, rel=1e-4, abs=1e-5)
     assert any(event.key == "sb3_qchunk::onednn_linear" for event in profile.key_averages())
-    for name, param in eager.policy.state_dict().items():
-        np.testing.assert_allclose(compiled.policy.state_dict()[name].numpy(), param.numpy(), atol=1e-5, err_msg=name)
+    assert_same_weights(eager, compiled)
 
 
 def test_one_graph_update_follows_new_optimizer_state_and_learning_rate():
@@ -497,17 +504,15 @@ def test_one_graph_update_follows_new_optimizer_state_and_learning_rate():
     compiled = small_qc(**kwargs, compile_update=True)
     compiled.learn(45)
     assert compiled_parts(compiled)[0] is not None and compiled_parts(compiled)[1] is None
-    compiled.policy.load_state_dict(eager.policy.state_dict())
+    copy_training_state(eager, compiled)
     for name in ("actor", "critic"):
-        getattr(compiled, name).optimizer.load_state_dict(copy.deepcopy(getattr(eager, name).optimizer.state_dict()))
         for model in (eager, compiled):
             for group in getattr(model, name).optimizer.param_groups:
                 group["lr"] = 1e-3
     data = eager.replay_buffer.sample(16)
     for _ in range(2):
         assert_same_step_stats(eager, compiled, data, rel=1e-4, abs=1e-5)
-    for name, param in eager.policy.state_dict().items():
-        np.testing.assert_allclose(compiled.policy.state_dict()[name].numpy(), param.numpy(), atol=1e-5, err_msg=name)
+    assert_same_weights(eager, compiled)
     for name in ("actor", "critic"):
         for expected, state in zip(
             getattr(eager, name).optimizer.state.values(), getattr(compiled, name).optimizer.state.values()
@@ -532,9 +537,7 @@ def test_one_graph_update_follows_a_learning_rate_schedule_without_recompiling()
     graphs = counters["stats"]["unique_graphs"]
     eager = small_qc(**kwargs)
     eager.learn(60)
-    scheduled.policy.load_state_dict(eager.policy.state_dict())
-    for name in ("actor", "critic"):
-        getattr(scheduled, name).optimizer.load_state_dict(copy.deepcopy(getattr(eager, name).optimizer.state_dict()))
+    copy_training_state(eager, scheduled)
     data = eager.replay_buffer.sample(16)
     for step in range(10):
         for model in (eager, scheduled):
@@ -543,8 +546,7 @@ def test_one_graph_update_follows_a_learning_rate_schedule_without_recompiling()
                     group["lr"] = 1e-3 * (step + 1)
         assert_same_step_stats(eager, scheduled, data, rel=1e-4, abs=1e-5)
     assert counters["stats"]["unique_graphs"] == graphs
-    for name, param in eager.policy.state_dict().items():
-        np.testing.assert_allclose(scheduled.policy.state_dict()[name].numpy(), param.numpy(), atol=1e-5, err_msg=name)
+    assert_same_weights(eager, scheduled)
 
 
 def test_one_graph_update_runs_as_plain_python_where_dynamo_gives_up_on_it():
@@ -560,14 +562,11 @@ def test_one_graph_update_runs_as_plain_python_where_dynamo_gives_up_on_it():
     update = plain._compiled_update
     assert update.step is not None
     update.step = update._one_graph_step  # what dynamo calls once it has given up on the compiled one
-    plain.policy.load_state_dict(eager.policy.state_dict())
-    for name in ("actor", "critic"):
-        getattr(plain, name).optimizer.load_state_dict(copy.deepcopy(getattr(eager, name).optimizer.state_dict()))
+    copy_training_state(eager, plain)
     data = eager.replay_buffer.sample(16)
     for _ in range(2):
         assert_same_step_stats(eager, plain, data, rel=1e-4, abs=1e-5)
-    for name, param in eager.policy.state_dict().items():
-        np.testing.assert_allclose(plain.policy.state_dict()[name].numpy(), param.numpy(), atol=1e-5, err_msg=name)
+    assert_same_weights(eager, plain)
     for name in ("actor", "critic"):
         for expected, state in zip(getattr(eager, name).optimizer.state.values(), getattr(plain, name).optimizer.state.values()):
             assert float(state["step"]) == float(expected["step"])
