@@ -333,6 +333,34 @@ def test_bf16_sampling_agrees_with_float32(actor_type):
     ],
 )
 def test_has_fast_bf16_rule(monkeypatch, avx512_bf16, amx, vendor, fast):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    assert bf16_probes(monkeypatch, avx512_bf16, amx, vendor) == (avx512_bf16 or amx, fast)
+
+
+@pytest.mark.parametrize(
+    "variable, limit, amx, vendor, native, fast",
+    [
+        ("ONEDNN_MAX_CPU_ISA", "AVX2", True, "GenuineIntel", False, False),  # bf16 emulated by oneDNN
+        ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI", True, "GenuineIntel", False, False),
+        ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16", True, "GenuineIntel", True, False),  # AMX kept from oneDNN
+        ("ONEDNN_MAX_CPU_ISA", "avx512_core_amx", True, "GenuineIntel", True, True),  # older name, any case
+        ("ONEDNN_MAX_CPU_ISA", "AVX10_1_512_AMX", True, "GenuineIntel", True, True),
+        ("ONEDNN_MAX_CPU_ISA", "DEFAULT", True, "GenuineIntel", True, True),
+        ("DNNL_MAX_CPU_ISA", "AVX2", True, "GenuineIntel", False, False),  # the older variable
+        ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16", False, "AuthenticAMD", True, True),
+        ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE", False, "AuthenticAMD", False, False),
+    ],
+)
+def test_bf16_probes_follow_onednns_instruction_set_limit(monkeypatch, variable, limit, amx, vendor, native, fast):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv(variable, limit)
+    assert bf16_probes(monkeypatch, True, amx, vendor) == (native, fast)
+
+
+def bf16_probes(monkeypatch, avx512_bf16, amx, vendor):
+    """(has_native_bf16, has_fast_bf16) on a CPU with these features (the caches cleared before and after)."""
     from sb3_qchunk.common import precision
 
     monkeypatch.setattr(th.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
@@ -341,8 +369,7 @@ def test_has_fast_bf16_rule(monkeypatch, avx512_bf16, amx, vendor, fast):
     for function in (precision.has_native_bf16, precision.has_fast_bf16):
         function.cache_clear()
     try:
-        assert precision.has_native_bf16("cpu") == (avx512_bf16 or amx)
-        assert precision.has_fast_bf16("cpu") == fast
+        return precision.has_native_bf16("cpu"), precision.has_fast_bf16("cpu")
     finally:
         monkeypatch.undo()
         for function in (precision.has_native_bf16, precision.has_fast_bf16):

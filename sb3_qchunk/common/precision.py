@@ -2,6 +2,7 @@
 
 import contextlib
 import functools
+import os
 import platform
 import re
 from collections.abc import Iterator
@@ -29,11 +30,49 @@ AUTO_BF16_MIN_MACS_NARROW = 2**25
 ONEDNN_MIN_ROWS = 256
 
 
+# oneDNN's x86 instruction sets in rising order, by the names its ONEDNN_MAX_CPU_ISA environment variable takes (older
+# names of the same sets in ONEDNN_ISA_ALIASES). torch's CPU bf16 matmuls run on oneDNN, which uses no instruction
+# set above that limit.
+ONEDNN_ISAS = (
+    "SSE41",
+    "AVX",
+    "AVX2",
+    "AVX2_VNNI",
+    "AVX2_VNNI_2",
+    "AVX512_CORE",
+    "AVX512_CORE_VNNI",
+    "AVX512_CORE_BF16",
+    "AVX10_1_512",
+    "AVX10_1_512_AMX",
+    "AVX10_1_512_AMX_FP16",
+)
+ONEDNN_ISA_ALIASES = {"AVX512_CORE_FP16": "AVX10_1_512", "AVX512_CORE_AMX": "AVX10_1_512_AMX", "AVX512_CORE_AMX_FP16": "AVX10_1_512_AMX_FP16"}
+
+
+def onednn_allows(isa: str) -> bool:
+    """
+    Whether oneDNN may use the instruction set ``isa`` (a name of :data:`ONEDNN_ISAS`) under the limit set by the
+    ``ONEDNN_MAX_CPU_ISA`` environment variable (or its older name ``DNNL_MAX_CPU_ISA``), which oneDNN reads once, at
+    its first use in the process. No limit where neither is set, or set to ``DEFAULT``, ``ALL`` or a name oneDNN knows
+    and this list does not (a newer instruction set).
+
+    :param isa: the instruction set, e.g. ``"AVX512_CORE_BF16"``
+    """
+    limit = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    if limit is None:
+        return True
+    limit = ONEDNN_ISA_ALIASES.get(limit.strip().upper(), limit.strip().upper())
+    if limit not in ONEDNN_ISAS:
+        return True
+    return ONEDNN_ISAS.index(ONEDNN_ISA_ALIASES.get(isa, isa)) <= ONEDNN_ISAS.index(limit)
+
+
 @functools.cache
 def has_native_bf16(device_type: str) -> bool:
     """
     Whether this kind of device has bfloat16 matmul instructions (not emulated): CUDA GPUs with bf16 support,
-    CPUs with AVX512-BF16 or AMX. Native is not always faster than float32: see :func:`has_fast_bf16`.
+    CPUs with AVX512-BF16 or AMX where oneDNN may use them (:func:`onednn_allows`; with ``ONEDNN_MAX_CPU_ISA=AVX2``
+    bf16 is emulated on any CPU). Native is not always faster than float32: see :func:`has_fast_bf16`.
 
     :param device_type: ``"cpu"``, ``"cuda"``, ...
     """
@@ -41,7 +80,7 @@ def has_native_bf16(device_type: str) -> bool:
         return th.cuda.is_available() and th.cuda.is_bf16_supported()
     if device_type == "cpu":  # private probes of torch.cpu (torch >= 2.3); absent ones count as "no"
         probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-        return any(getattr(th.cpu, probe, lambda: False)() for probe in probes)
+        return any(getattr(th.cpu, probe, lambda: False)() for probe in probes) and onednn_allows("AVX512_CORE_BF16")
     return False
 
 
@@ -100,16 +139,17 @@ def has_fast_bf16(device_type: str) -> bool:
     Whether bfloat16 matmuls are faster than float32 on this kind of device, which decides
     ``sampling_precision="auto"``: CUDA GPUs with bf16 support; CPUs with AMX; AMD CPUs with AVX512-BF16
     (Zen 4 and later run bf16 dot products at twice the float32 FMA rate). Intel CPUs with AVX512-BF16 but no
-    AMX (older Xeons, or AMX hidden by a hypervisor) run bf16 dot products at the float32 FMA rate, so the casts
-    make bf16 slower there (measured on such a Xeon, one thread: a 2048x256 @ 256x256 matmul 70 GFLOP/s in bf16
-    against 122 in float32): float32. Elsewhere bf16 is emulated: float32.
+    AMX (older Xeons, AMX hidden by a hypervisor, or kept from oneDNN by ``ONEDNN_MAX_CPU_ISA``) run bf16 dot products
+    at the float32 FMA rate, so the casts make bf16 slower there (measured on such a Xeon, one thread: a 2048x256 @
+    256x256 matmul 70 GFLOP/s in bf16 against 122 in float32): float32. Elsewhere bf16 is emulated: float32.
 
     :param device_type: ``"cpu"``, ``"cuda"``, ...
     """
     if not has_native_bf16(device_type):
         return False
     if device_type == "cpu":
-        return getattr(th.cpu, "_is_amx_tile_supported", lambda: False)() or cpu_vendor() == "AuthenticAMD"
+        amx = getattr(th.cpu, "_is_amx_tile_supported", lambda: False)() and onednn_allows("AVX10_1_512_AMX")
+        return amx or cpu_vendor() == "AuthenticAMD"
     return True
 
 
