@@ -917,9 +917,17 @@ def test_layers_called_directly_agree_with_the_modules_and_hooks_always_run(monk
             return policy.sample_chunks_from_noise(obs, noise), policy.critic.q_from_features(features, candidates)
 
     direct = chunks_and_q()
-    monkeypatch.setattr(policies, "direct_call", lambda module: module)  # every layer through nn.Module.__call__
+    monkeypatch.setattr(policies, "direct_call", lambda module, dtype=None: module)  # every layer through nn.Module.__call__
     through_modules = chunks_and_q()
     monkeypatch.undo()
+    for got, expected in zip(direct, through_modules):
+        th.testing.assert_close(got, expected, rtol=0, atol=0)
+    # Under bf16 autocast the layers get their weights cast once per chunk choice: the same numbers as autocast's casts.
+    with th.autocast("cpu", dtype=th.bfloat16):
+        direct = chunks_and_q()
+        monkeypatch.setattr(policies, "direct_call", lambda module, dtype=None: module)
+        through_modules = chunks_and_q()
+        monkeypatch.undo()
     for got, expected in zip(direct, through_modules):
         th.testing.assert_close(got, expected, rtol=0, atol=0)
 
@@ -941,6 +949,35 @@ def test_layers_called_directly_agree_with_the_modules_and_hooks_always_run(monk
     calls.clear()
     chunks_and_q()
     assert not calls  # hooks removed: called directly again
+
+
+def test_bf16_chunk_choice_casts_each_flow_weight_once_not_at_every_euler_step():
+    """
+    In bf16 sampling the flow's weights are cast to bf16 once per chunk choice, not at each of its Euler steps
+    (autocast's own cache of casts is off in inference mode, where the choice runs: it cast them at every step).
+    """
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model = small_qc(num_samples=4, flow_steps=5, policy_kwargs=dict(net_arch=[16, 24], sampling_precision="bfloat16"))
+    flow, chunk_dim = model.policy.actor.flow, model.policy.chunk_dim
+    weight_shapes = [(24, 16), (chunk_dim, 24), (16, chunk_dim)]  # the two Linears after the first layer; x's part of it
+    assert [tuple(flow.body[1].weight.shape), tuple(flow.body[3].weight.shape)] == weight_shapes[:2]
+    casts = collections.Counter()
+
+    class CountCasts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (th.ops.aten._to_copy.default, th.ops.aten.to.dtype) and args[0].dtype == th.float32:
+                casts[tuple(args[0].shape)] += 1
+            return func(*args, **(kwargs or {}))
+
+    assert model.policy.sampling_bf16(1)
+    with warnings.catch_warnings(), CountCasts():
+        warnings.simplefilter("ignore")  # emulated bf16 on CPUs without it
+        model.policy.sample_chunks(th.randn(1, 3))
+    assert [casts[shape] for shape in weight_shapes] == [1, 1, 1]
+    assert casts[(1, 4, chunk_dim)] >= model.policy.actor.flow_steps  # the chunks themselves: at every step
 
 
 def test_train_draws_several_updates_at_once_within_its_bounds(monkeypatch):

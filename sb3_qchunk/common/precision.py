@@ -165,6 +165,11 @@ def bf16_autocast(device_type: str, enabled: bool) -> contextlib.AbstractContext
     return th.autocast(device_type, dtype=th.bfloat16, enabled=enabled)
 
 
+def autocast_matmul_dtype(device_type: str) -> th.dtype | None:
+    """The precision autocast runs matmuls in on ``device_type`` at this point of the code, or None where it is off."""
+    return th.get_autocast_dtype(device_type) if th.is_autocast_enabled(device_type) else None
+
+
 @contextlib.contextmanager
 def onednn_disabled(disable: bool = True) -> Iterator[None]:
     """

@@ -19,7 +19,7 @@ _GLOBAL_HOOKS = (
 )
 
 
-def direct_call(module: nn.Module) -> Callable[[th.Tensor], th.Tensor]:
+def direct_call(module: nn.Module, dtype: th.dtype | None = None) -> Callable[[th.Tensor], th.Tensor]:
     """
     ``module`` as a function of its input, for layers called many times in a row (the flow's Euler steps, the
     critic's layers): its ``forward`` without ``nn.Module.__call__``'s dispatch (a few microseconds a call, tens of
@@ -28,11 +28,23 @@ def direct_call(module: nn.Module) -> Callable[[th.Tensor], th.Tensor]:
     not compiled in place (``Module.compile``) and outside ``torch.compile``'s tracing; the module itself otherwise,
     so hooks always run.
 
+    With ``dtype`` (the precision autocast computes matmuls in, e.g. bf16), an ``nn.Linear`` with float32 weights is
+    called with its weight and bias cast to ``dtype`` now, once, inside ``torch.compile``'s tracing too: the same
+    numbers as autocast's own casts, which it would redo at every call where its cache of casts is off (in
+    ``torch.inference_mode``, where the chunk choice runs, and in compiled code).
+
     :param module: the layer
+    :param dtype: the precision of autocast's matmuls, None where autocast is off
     """
     hooks = [module._forward_pre_hooks, module._forward_hooks, module._backward_pre_hooks, module._backward_hooks]
     hooks += [getattr(module_internals, name, True) for name in _GLOBAL_HOOKS]  # a registry torch lacks: as if hooked
-    if any(hooks) or getattr(module, "_compiled_call_impl", None) is not None or th.compiler.is_compiling():
+    if any(hooks) or getattr(module, "_compiled_call_impl", None) is not None:
+        return module
+    if type(module) is nn.Linear and dtype is not None and module.weight.dtype != dtype:
+        weight = module.weight.to(dtype)
+        bias = None if module.bias is None else module.bias.to(dtype)
+        return lambda x: F.linear(x, weight, bias)
+    if th.compiler.is_compiling():
         return module
     if type(module) is nn.Linear:
         weight, bias = module.weight, module.bias

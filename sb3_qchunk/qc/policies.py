@@ -26,6 +26,7 @@ from sb3_qchunk.common.precision import (
     ONEDNN_MIN_ROWS,
     SAMPLING_PRECISIONS,
     TRAINING_PRECISIONS,
+    autocast_matmul_dtype,
     bf16_autocast,
     compile_options,
     has_fast_bf16,
@@ -96,15 +97,20 @@ class FlowVelocityField(nn.Module):
         How the layers after the first one's linear part run for inputs shaped like ``hidden`` (its pre-activation),
         in the current gradient and autocast mode: each layer as itself (:func:`~sb3_qchunk.common.torch_layers.direct_call`),
         except a Linear+GELU pair that runs as one :func:`~sb3_qchunk.common.torch_layers.linear_gelu` call at these
-        sizes, given as (the Linear, the call's precision). Decided once for all Euler steps of an integration.
+        sizes, given as (the Linear's weight, its bias) in the call's precision. Decided once for all Euler steps of an
+        integration, weights cast once for all of them under autocast.
         """
         rows = hidden.numel() // hidden.shape[-1]
+        cast = autocast_matmul_dtype(hidden.device.type)
         layers, plan, i = list(self.body), [], 0
         while i < len(layers):
             dtype = (
                 fused_linear_gelu_dtype(rows, hidden.dtype, hidden.device, layers[i], layers[i + 1]) if i + 1 < len(layers) else None
             )
-            plan.append(direct_call(layers[i]) if dtype is None else (layers[i], dtype))
+            if dtype is None:
+                plan.append(direct_call(layers[i], cast))
+            else:
+                plan.append((layers[i].weight.to(dtype), layers[i].bias.to(dtype)))
             i += 1 if dtype is None else 2
         return plan
 
@@ -113,8 +119,8 @@ class FlowVelocityField(nn.Module):
         """The layers of ``plan`` (:meth:`_body_plan`) on the first layer's pre-activation ``hidden``."""
         for layer in plan:
             if isinstance(layer, tuple):  # large no-gradient batches: one oneDNN call
-                linear, dtype = layer
-                hidden = linear_gelu(hidden.to(dtype), linear.weight.to(dtype), linear.bias.to(dtype))
+                weight, bias = layer
+                hidden = linear_gelu(hidden.to(weight.dtype), weight, bias)
             else:
                 hidden = layer(hidden)
         return hidden
@@ -136,6 +142,8 @@ class FlowVelocityField(nn.Module):
         """
         action_dim = noise.shape[-1]
         x_weight = self.xt_in.weight[:, :action_dim]
+        cast = autocast_matmul_dtype(noise.device.type)
+        x_weight = x_weight if cast is None else x_weight.to(cast)
         t_weight = self.xt_in.weight[:, action_dim].to(obs_embedding.dtype)  # bf16 under autocast, as obs_in's output
         x, plan = noise, None
         for i in range(flow_steps):
