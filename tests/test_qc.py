@@ -360,6 +360,24 @@ def test_bf16_probes_follow_onednns_instruction_set_limit(monkeypatch, variable,
     assert bf16_probes(monkeypatch, True, amx, vendor) == (native, fast)
 
 
+@pytest.mark.parametrize("emulated_only, native", [(True, False), (False, True)])
+def test_gpus_that_only_emulate_bf16_do_not_count_as_native(monkeypatch, emulated_only, native):
+    """torch.cuda.is_bf16_supported() counts emulation (GPUs before Ampere, e.g. a T4): "auto" must not pick bf16 there."""
+    from sb3_qchunk.common import precision
+
+    monkeypatch.setattr(th.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(th.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation or not emulated_only)
+    for function in (precision.has_native_bf16, precision.has_fast_bf16):
+        function.cache_clear()
+    try:
+        assert precision.has_native_bf16("cuda") == native
+        assert precision.has_fast_bf16("cuda") == native
+    finally:
+        monkeypatch.undo()
+        for function in (precision.has_native_bf16, precision.has_fast_bf16):
+            function.cache_clear()
+
+
 def bf16_probes(monkeypatch, avx512_bf16, amx, vendor):
     """(has_native_bf16, has_fast_bf16) on a CPU with these features (the caches cleared before and after)."""
     from sb3_qchunk.common import precision

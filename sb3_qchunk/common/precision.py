@@ -70,14 +70,14 @@ def onednn_allows(isa: str) -> bool:
 @functools.cache
 def has_native_bf16(device_type: str) -> bool:
     """
-    Whether this kind of device has bfloat16 matmul instructions (not emulated): CUDA GPUs with bf16 support,
-    CPUs with AVX512-BF16 or AMX where oneDNN may use them (:func:`onednn_allows`; with ``ONEDNN_MAX_CPU_ISA=AVX2``
+    Whether this kind of device has bfloat16 matmul instructions (not emulated): CUDA GPUs with bf16 support
+    (Ampere and later; ROCm GPUs), CPUs with AVX512-BF16 or AMX where oneDNN may use them (:func:`onednn_allows`; with ``ONEDNN_MAX_CPU_ISA=AVX2``
     bf16 is emulated on any CPU). Native is not always faster than float32: see :func:`has_fast_bf16`.
 
     :param device_type: ``"cpu"``, ``"cuda"``, ...
     """
-    if device_type == "cuda":
-        return th.cuda.is_available() and th.cuda.is_bf16_supported()
+    if device_type == "cuda":  # not counting emulation (torch's default counts it: GPUs before Ampere, e.g. a T4)
+        return th.cuda.is_available() and th.cuda.is_bf16_supported(including_emulation=False)
     if device_type == "cpu":  # private probes of torch.cpu (torch >= 2.3); absent ones count as "no"
         probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
         return any(getattr(th.cpu, probe, lambda: False)() for probe in probes) and onednn_allows("AVX512_CORE_BF16")
