@@ -789,12 +789,20 @@ def test_float32_context_turns_an_enclosing_bf16_autocast_off():
     assert q_values.dtype == th.float32
 
 
-@pytest.mark.parametrize("capability, min_macs", [("AVX512", 2**30), ("AVX2", None), ("DEFAULT", None)])
-def test_linear_gelu_fuses_by_default_only_on_avx512_cpus(monkeypatch, capability, min_macs):
+@pytest.mark.parametrize(
+    "capability, onednn_limit, min_macs",
+    [("AVX512", None, 2**30), ("AVX2", None, None), ("DEFAULT", None, None), ("AVX512", "AVX2", None), ("AVX512", "AVX512_CORE", 2**30)],
+)
+def test_linear_gelu_fuses_by_default_only_on_avx512_cpus(monkeypatch, capability, onednn_limit, min_macs):
     from sb3_qchunk.common import torch_layers
     from sb3_qchunk.qc.policies import FlowVelocityField
 
     monkeypatch.setattr(th.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if onednn_limit is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", onednn_limit)
     assert torch_layers.default_fused_linear_gelu_min_macs() == min_macs
     monkeypatch.setattr(torch_layers, "FUSED_LINEAR_GELU_MIN_MACS", min_macs)
     flow = FlowVelocityField(4, 4, [8, 8])

@@ -10,6 +10,8 @@ from torch.nn import functional as F
 from torch.nn.modules import module as module_internals
 from torch.utils.flop_counter import register_flop_formula
 
+from sb3_qchunk.common.precision import onednn_allows
+
 # nn.Module.__call__ runs a module's forward hooks and backward hooks from these registries besides the module's own.
 _GLOBAL_HOOKS = (
     "_global_forward_pre_hooks",
@@ -114,9 +116,11 @@ def default_fused_linear_gelu_min_macs() -> int | None:
     - CPUs whose ATen kernels run AVX-512 (Zen 4): 8192 x 512 x 512 (the paper config's candidates) 1.21x the
       updates/s, 2048 x 256 x 256 (the small config's) 0.87x: from 2^30, between them;
     - AVX2-only CPUs (Zen 3): 0.89x at the paper's size and 0.82x at the small one, as oneDNN's GELU post-op costs
-      three times a separate GELU kernel there (8192 x 512 x 512: 43.6 ms fused against 33.5 + 3.1 ms): never.
+      three times a separate GELU kernel there (8192 x 512 x 512: 43.6 ms fused against 33.5 + 3.1 ms): never, nor
+      where ``ONEDNN_MAX_CPU_ISA`` keeps oneDNN below AVX-512 (:func:`~sb3_qchunk.common.precision.onednn_allows`).
     """
-    return AVX512_FUSED_LINEAR_GELU_MIN_MACS if th.backends.cpu.get_cpu_capability() == "AVX512" else None
+    avx512 = th.backends.cpu.get_cpu_capability() == "AVX512" and onednn_allows("AVX512_CORE")
+    return AVX512_FUSED_LINEAR_GELU_MIN_MACS if avx512 else None
 
 
 FUSED_LINEAR_GELU_MIN_MACS = default_fused_linear_gelu_min_macs()
