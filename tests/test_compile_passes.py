@@ -92,13 +92,20 @@ def test_onednn_matmuls_setting_and_rule(monkeypatch):
         assert options == compile_options(th.device("cpu"), onednn_matmuls=True)
     assert compile_options(th.device("cpu"), onednn_matmuls=False)["post_grad_custom_post_pass"] == UnfuseBiasAdd()
     cases = [
-        ("AuthenticAMD", 26, "AVX512", True),  # Zen 5
-        ("AuthenticAMD", 25, "AVX512", False),  # Zen 4
-        ("AuthenticAMD", 26, "AVX2", False),
-        ("GenuineIntel", 6, "AVX512", False),
-        ("AuthenticAMD", None, "AVX512", False),  # family unknown
+        ("AuthenticAMD", 26, "AVX512", None, True),  # Zen 5
+        ("AuthenticAMD", 25, "AVX512", None, False),  # Zen 4
+        ("AuthenticAMD", 26, "AVX2", None, False),
+        ("GenuineIntel", 6, "AVX512", None, False),
+        ("AuthenticAMD", None, "AVX512", None, False),  # family unknown
+        ("AuthenticAMD", 26, "AVX512", "AVX2", False),  # oneDNN kept to AVX2
+        ("AuthenticAMD", 26, "AVX512", "AVX512_CORE_BF16", True),
     ]
-    for vendor, family, capability, expected in cases:
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    for vendor, family, capability, onednn_limit, expected in cases:
+        if onednn_limit is None:
+            monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+        else:
+            monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", onednn_limit)
         monkeypatch.setattr(precision, "cpu_vendor", lambda: vendor)
         monkeypatch.setattr(precision, "cpu_family", lambda: family)
         monkeypatch.setattr(th.backends.cpu, "get_cpu_capability", lambda: capability)

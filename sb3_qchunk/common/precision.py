@@ -125,9 +125,10 @@ def prefers_onednn_float32_matmuls() -> bool:
     (family 26) whose ATen kernels run AVX-512. MKL runs its AVX2 kernels on AMD CPUs; Zen 5 executes AVX-512 at full
     width, and oneDNN's AVX-512 float32 matmul ran twice MKL's rate there (2-core AMD EPYC Zen 5, torch 2.13: a
     256 x 512 x 512 matmul 480 GFLOP/s against 205). On Zen 4, which splits AVX-512 into two halves, the two
-    libraries were within ~10% of each other; Intel CPUs run MKL's AVX-512 kernels.
+    libraries were within ~10% of each other; Intel CPUs run MKL's AVX-512 kernels. Not where ``ONEDNN_MAX_CPU_ISA``
+    keeps oneDNN below AVX-512 (:func:`onednn_allows`).
     """
-    if cpu_vendor() != "AuthenticAMD" or th.backends.cpu.get_cpu_capability() != "AVX512":
+    if cpu_vendor() != "AuthenticAMD" or th.backends.cpu.get_cpu_capability() != "AVX512" or not onednn_allows("AVX512_CORE"):
         return False
     family = cpu_family()
     return family is not None and family >= 26 and th.backends.mkldnn.is_available()
