@@ -333,10 +333,10 @@ def test_bf16_sampling_agrees_with_float32(actor_type):
         (True, True, "GenuineIntel", True),  # AMX
     ],
 )
-def test_has_fast_bf16_rule(monkeypatch, avx512_bf16, amx, vendor, fast):
+def test_has_fast_bf16_rule(monkeypatch, fresh_bf16_probes, avx512_bf16, amx, vendor, fast):
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
-    assert bf16_probes(monkeypatch, avx512_bf16, amx, vendor) == (avx512_bf16 or amx, fast)
+    assert bf16_probes(monkeypatch, fresh_bf16_probes, avx512_bf16, amx, vendor) == (avx512_bf16 or amx, fast)
 
 
 @pytest.mark.parametrize(
@@ -353,67 +353,42 @@ def test_has_fast_bf16_rule(monkeypatch, avx512_bf16, amx, vendor, fast):
         ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE", False, "AuthenticAMD", False, False),
     ],
 )
-def test_bf16_probes_follow_onednns_instruction_set_limit(monkeypatch, variable, limit, amx, vendor, native, fast):
+def test_bf16_probes_follow_onednns_instruction_set_limit(monkeypatch, fresh_bf16_probes, variable, limit, amx, vendor, native, fast):
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     monkeypatch.setenv(variable, limit)
-    assert bf16_probes(monkeypatch, True, amx, vendor) == (native, fast)
+    assert bf16_probes(monkeypatch, fresh_bf16_probes, True, amx, vendor) == (native, fast)
 
 
 @pytest.mark.parametrize("emulated_only, native", [(True, False), (False, True)])
-def test_gpus_that_only_emulate_bf16_do_not_count_as_native(monkeypatch, emulated_only, native):
+def test_gpus_that_only_emulate_bf16_do_not_count_as_native(monkeypatch, fresh_bf16_probes, emulated_only, native):
     """torch.cuda.is_bf16_supported() counts emulation (GPUs before Ampere, e.g. a T4): "auto" must not pick bf16 there."""
-    from sb3_qchunk.common import precision
-
     monkeypatch.setattr(th.cuda, "is_available", lambda: True)
     monkeypatch.setattr(th.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation or not emulated_only)
-    for function in (precision.has_native_bf16, precision.has_fast_bf16):
-        function.cache_clear()
-    try:
-        assert precision.has_native_bf16("cuda") == native
-        assert precision.has_fast_bf16("cuda") == native
-    finally:
-        monkeypatch.undo()
-        for function in (precision.has_native_bf16, precision.has_fast_bf16):
-            function.cache_clear()
+    assert fresh_bf16_probes.has_native_bf16("cuda") == native
+    assert fresh_bf16_probes.has_fast_bf16("cuda") == native
 
 
-def bf16_probes(monkeypatch, avx512_bf16, amx, vendor):
-    """(has_native_bf16, has_fast_bf16) on a CPU with these features (the caches cleared before and after)."""
+@pytest.fixture
+def fresh_bf16_probes(monkeypatch):
+    """The precision module with its cached bf16 probes cleared before the test and, its patches undone, after it."""
     from sb3_qchunk.common import precision
 
+    probes = (precision.has_native_bf16, precision.has_fast_bf16)
+    for function in probes:
+        function.cache_clear()
+    yield precision
+    monkeypatch.undo()
+    for function in probes:
+        function.cache_clear()
+
+
+def bf16_probes(monkeypatch, precision, avx512_bf16, amx, vendor):
+    """(has_native_bf16, has_fast_bf16) on a CPU with these features (``precision``: the fresh_bf16_probes fixture)."""
     monkeypatch.setattr(th.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
     monkeypatch.setattr(th.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
     monkeypatch.setattr(precision, "cpu_vendor", lambda: vendor)
-    for function in (precision.has_native_bf16, precision.has_fast_bf16):
-        function.cache_clear()
-    try:
-        return precision.has_native_bf16("cpu"), precision.has_fast_bf16("cpu")
-    finally:
-        monkeypatch.undo()
-        for function in (precision.has_native_bf16, precision.has_fast_bf16):
-            function.cache_clear()
-
-
-@pytest.mark.parametrize("actor_type", ["best_of_n", "distill"])
-def test_chunk_choice_returns_ordinary_tensors_equal_to_the_no_grad_computation(actor_type):
-    """
-    The chunk choice runs in inference mode; what it returns is an ordinary tensor (in-place changes and autograd
-    work on it, e.g. as a loss target) with the values of the same computation under ``torch.no_grad``.
-    """
-    model = small_qc(chunk_size=2, actor_type=actor_type, num_samples=4)
-    policy = model.policy
-    obs = th.randn(3, 3)
-    chunks = policy.sample_chunks(obs, deterministic=True)
-    with th.no_grad(), policy.sampling_autocast(3), onednn_disabled(policy.small_eager_sampling(3)):
-        expected = policy.sample_chunks_from_noise(obs, policy.fixed_noise(3)).float()
-    assert th.equal(chunks, expected)
-    assert not chunks.is_inference() and not chunks.requires_grad and chunks.dtype == th.float32
-    student = nn.Linear(3, chunks.shape[1])
-    F.mse_loss(student(obs), chunks).backward()  # an inference tensor cannot be saved for backward
-    assert student.weight.grad is not None
-    chunks.mul_(0.5)  # nor changed in place outside inference mode
-    assert th.equal(chunks, expected * 0.5)
+    return precision.has_native_bf16("cpu"), precision.has_fast_bf16("cpu")
 
 
 def autocast_dtype(policy, batch_size=256):

@@ -46,7 +46,11 @@ ONEDNN_ISAS = (
     "AVX10_1_512_AMX",
     "AVX10_1_512_AMX_FP16",
 )
-ONEDNN_ISA_ALIASES = {"AVX512_CORE_FP16": "AVX10_1_512", "AVX512_CORE_AMX": "AVX10_1_512_AMX", "AVX512_CORE_AMX_FP16": "AVX10_1_512_AMX_FP16"}
+ONEDNN_ISA_ALIASES = {
+    "AVX512_CORE_FP16": "AVX10_1_512",
+    "AVX512_CORE_AMX": "AVX10_1_512_AMX",
+    "AVX512_CORE_AMX_FP16": "AVX10_1_512_AMX_FP16",
+}
 
 
 def onednn_allows(isa: str) -> bool:
@@ -61,7 +65,8 @@ def onednn_allows(isa: str) -> bool:
     limit = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
     if limit is None:
         return True
-    limit = ONEDNN_ISA_ALIASES.get(limit.strip().upper(), limit.strip().upper())
+    limit = limit.strip().upper()
+    limit = ONEDNN_ISA_ALIASES.get(limit, limit)
     if limit not in ONEDNN_ISAS:
         return True
     return ONEDNN_ISAS.index(ONEDNN_ISA_ALIASES.get(isa, isa)) <= ONEDNN_ISAS.index(limit)
@@ -71,8 +76,9 @@ def onednn_allows(isa: str) -> bool:
 def has_native_bf16(device_type: str) -> bool:
     """
     Whether this kind of device has bfloat16 matmul instructions (not emulated): CUDA GPUs with bf16 support
-    (Ampere and later; ROCm GPUs), CPUs with AVX512-BF16 or AMX where oneDNN may use them (:func:`onednn_allows`; with ``ONEDNN_MAX_CPU_ISA=AVX2``
-    bf16 is emulated on any CPU). Native is not always faster than float32: see :func:`has_fast_bf16`.
+    (Ampere and later; ROCm GPUs), CPUs with AVX512-BF16 or AMX where oneDNN may use them (:func:`onednn_allows`;
+    with ``ONEDNN_MAX_CPU_ISA=AVX2`` bf16 is emulated on any CPU). Native is not always faster than float32: see
+    :func:`has_fast_bf16`.
 
     :param device_type: ``"cpu"``, ``"cuda"``, ...
     """
@@ -128,7 +134,8 @@ def prefers_onednn_float32_matmuls() -> bool:
     libraries were within ~10% of each other; Intel CPUs run MKL's AVX-512 kernels. Not where ``ONEDNN_MAX_CPU_ISA``
     keeps oneDNN below AVX-512 (:func:`onednn_allows`).
     """
-    if cpu_vendor() != "AuthenticAMD" or th.backends.cpu.get_cpu_capability() != "AVX512" or not onednn_allows("AVX512_CORE"):
+    avx512 = th.backends.cpu.get_cpu_capability() == "AVX512" and onednn_allows("AVX512_CORE")
+    if cpu_vendor() != "AuthenticAMD" or not avx512:
         return False
     family = cpu_family()
     return family is not None and family >= 26 and th.backends.mkldnn.is_available()
