@@ -391,6 +391,27 @@ def bf16_probes(monkeypatch, precision, avx512_bf16, amx, vendor):
     return precision.has_native_bf16("cpu"), precision.has_fast_bf16("cpu")
 
 
+@pytest.mark.parametrize("actor_type", ["best_of_n", "distill"])
+def test_chunk_choice_returns_ordinary_tensors_equal_to_the_no_grad_computation(actor_type):
+    """
+    The chunk choice runs in inference mode; what it returns is an ordinary tensor (in-place changes and autograd
+    work on it, e.g. as a loss target) with the values of the same computation under ``torch.no_grad``.
+    """
+    model = small_qc(chunk_size=2, actor_type=actor_type, num_samples=4)
+    policy = model.policy
+    obs = th.randn(3, 3)
+    chunks = policy.sample_chunks(obs, deterministic=True)
+    with th.no_grad(), policy.sampling_autocast(3), onednn_disabled(policy.small_eager_sampling(3)):
+        expected = policy.sample_chunks_from_noise(obs, policy.fixed_noise(3)).float()
+    assert th.equal(chunks, expected)
+    assert not chunks.is_inference() and not chunks.requires_grad and chunks.dtype == th.float32
+    student = nn.Linear(3, chunks.shape[1])
+    F.mse_loss(student(obs), chunks).backward()  # an inference tensor cannot be saved for backward
+    assert student.weight.grad is not None
+    chunks.mul_(0.5)  # nor changed in place outside inference mode
+    assert th.equal(chunks, expected * 0.5)
+
+
 def autocast_dtype(policy, batch_size=256):
     """The dtype the policy's sampling context computes matmuls in, for a batch of ``batch_size`` observations."""
     with policy.sampling_autocast(batch_size):
