@@ -774,6 +774,20 @@ def bench_dataset(source: Path, source_size: int, n_transitions: int) -> list[st
     return lines
 
 
+# Environment variables that change the rates, named in every report where set: malloc's settings (allocator.py), and
+# the instruction-set limits of ATen's kernels and inductor's code (ATEN_CPU_CAPABILITY), oneDNN, MKL and the
+# reference's XLA, with which a run on one CPU takes the code paths of an older one (e.g. AVX2 only).
+MACHINE_SETTINGS = (
+    "GLIBC_TUNABLES",
+    "LD_PRELOAD",
+    "ATEN_CPU_CAPABILITY",
+    "ONEDNN_MAX_CPU_ISA",
+    "DNNL_MAX_CPU_ISA",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "XLA_FLAGS",
+)
+
+
 def machine_line(device: str) -> str:
     """The CPU (model name, family and model, the instruction sets precisions depend on, ATen's vector width), cores,
     torch and device."""
@@ -800,9 +814,9 @@ def machine_line(device: str) -> str:
         cpu += f" ({'; '.join(facts)})"
     if device.startswith("cuda") and th.cuda.is_available():
         cpu += f"; GPU {th.cuda.get_device_name()}"
-    allocator = [f"{name}={os.environ[name]}" for name in ("GLIBC_TUNABLES", "LD_PRELOAD") if os.environ.get(name)]
-    allocator_text = f", {' '.join(allocator)}" if allocator else ""  # malloc's settings change the rates (allocator.py)
-    return f"{cpu}, {os.cpu_count()} cores, torch {th.__version__} ({th.get_num_threads()} threads), device {device}{allocator_text}"
+    settings = [f"{name}={os.environ[name]}" for name in MACHINE_SETTINGS if os.environ.get(name)]
+    settings_text = f", {' '.join(settings)}" if settings else ""
+    return f"{cpu}, {os.cpu_count()} cores, torch {th.__version__} ({th.get_num_threads()} threads), device {device}{settings_text}"
 
 
 def report_header(title: str, device: str) -> list[str]:

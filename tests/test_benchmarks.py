@@ -274,6 +274,21 @@ def test_act_latency_smoke(tmp_path):
         assert row[5:] == ["-", "-", "-"]  # no reference given
 
 
+def test_reports_name_the_instruction_set_limits_they_ran_under(monkeypatch):
+    """A run limited to older instruction sets (ATen, oneDNN, MKL, the reference's XLA) says so in its machine line."""
+    machine_line = benchmark_module("throughput").machine_line
+    for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "XLA_FLAGS", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(name, raising=False)
+    plain = machine_line("cpu")
+    assert "ONEDNN_MAX_CPU_ISA" not in plain and "XLA_FLAGS" not in plain
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_max_isa=AVX2")
+    limited = machine_line("cpu")
+    assert limited.startswith(plain)
+    assert limited.endswith("ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 XLA_FLAGS=--xla_cpu_max_isa=AVX2")
+
+
 def test_act_latency_pairs_the_blocks_of_each_round():
     """Ours over the reference is the median of the per-round ratios (not a ratio of medians), with quartiles."""
     paired = benchmark_module("act_latency").paired

@@ -1,3 +1,8 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch as th
 from torch import nn
@@ -113,3 +118,44 @@ def test_onednn_matmuls_setting_and_rule(monkeypatch):
         assert precision.prefers_onednn_float32_matmuls() == (expected and th.backends.mkldnn.is_available())
     monkeypatch.undo()
     precision.prefers_onednn_float32_matmuls.cache_clear()
+
+
+CHOICE_AGAINST_EAGER = """
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from sb3_qchunk import QC
+from scripted_envs import ScriptedEnv
+
+th.manual_seed(0)
+env = ScriptedEnv(action_space=spaces.Box(-1.0, 1.0, (5,), np.float32))
+model = QC("MlpPolicy", env, chunk_size=5, num_samples=3, flow_steps=2, policy_kwargs=dict(net_arch=[24, 40], compile_sampling=True), seed=0)
+obs, noise = th.randn(7, 1), th.randn(7, 3, 25)
+with th.no_grad():
+    compiled = model.policy._sampling_fn()(obs, noise)
+    eager = model.policy.sample_chunks_from_noise(obs, noise)
+print(model.policy.inductor_options()["cpp.simdlen"], (compiled - eager).abs().max().item())
+"""
+
+
+def test_compiled_code_of_one_vector_width_is_never_loaded_for_another(tmp_path):
+    """
+    Inductor's on-disk cache does not tell instruction sets apart: a graph compiled for AVX-512 and loaded in a process
+    whose inductor compiles kernels for AVX2 (``ATEN_CPU_CAPABILITY=avx2``, or another CPU sharing the cache) computed
+    garbage. The policy's options state the width (``cpp.simdlen``), so each width compiles and caches its own code.
+    """
+    from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+
+    widths = {isa.bit_width() for isa in valid_vec_isa_list()}
+    if not (256 in widths and max(widths) > 256):
+        pytest.skip("needs a CPU with vector widths beyond AVX2's (AVX-512) to compile for two widths")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "PYTHONPATH": str(Path(__file__).parent)}
+    env.pop("ATEN_CPU_CAPABILITY", None)
+    runs = []
+    for capability in (None, "avx2", None):  # compile (and cache) for the widest, then for AVX2, then load the first
+        run_env = env if capability is None else {**env, "ATEN_CPU_CAPABILITY": capability}
+        out = subprocess.run([sys.executable, "-c", CHOICE_AGAINST_EAGER], env=run_env, capture_output=True, text=True, check=True)
+        width, difference = out.stdout.split()
+        runs.append((int(width), float(difference)))
+    assert [width for width, _ in runs] == [max(widths), 256, max(widths)]
+    assert all(difference < 1e-5 for _, difference in runs), runs

@@ -197,6 +197,21 @@ def onednn_disabled(disable: bool = True) -> Iterator[None]:
         th.backends.mkldnn.set_flags(_enabled=previous, _fp32_precision=None)
 
 
+def inductor_cpu_simdlen() -> int:
+    """
+    The vector width in bits (512, 256; 0: none) of the CPU code inductor generates in this process: the widest its
+    CPU has, or the one ``ATEN_CPU_CAPABILITY`` names. Compiled code states it as ``cpp.simdlen``
+    (:meth:`sb3_qchunk.qc.policies.QCPolicy.inductor_options`), because inductor's settings are part of the key of its
+    on-disk cache of compiled graphs and nothing else there tells instruction sets apart: without it, code generated
+    for one width (AVX-512's 16 floats) was loaded where inductor compiles its kernels for another (AVX2's 8, under
+    ``ATEN_CPU_CAPABILITY=avx2`` or on another CPU sharing the cache directory), with wrong results or writes out of
+    bounds (torch 2.13).
+    """
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    return pick_vec_isa().bit_width()
+
+
 def compile_options(device: th.device, onednn_matmuls: bool | None = None) -> dict[str, Any]:
     """
     The default inductor options of QC's compiled code (``compile_update``, ``compile_sampling``). On CPU:

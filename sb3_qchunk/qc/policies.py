@@ -30,6 +30,7 @@ from sb3_qchunk.common.precision import (
     bf16_autocast,
     compile_options,
     has_fast_bf16,
+    inductor_cpu_simdlen,
     onednn_disabled,
 )
 from sb3_qchunk.common.torch_layers import EnsembleLayerNorm, EnsembleLinear, direct_call, fused_linear_gelu_dtype, linear_gelu
@@ -598,8 +599,16 @@ class QCPolicy(BasePolicy):
         return self._compiled_sampling
 
     def inductor_options(self) -> dict[str, Any]:
-        """The inductor options compiled code of this policy and its algorithm use (see ``compile_options``)."""
-        return compile_options(self.device) if self.compile_options is None else dict(self.compile_options)
+        """
+        The inductor options compiled code of this policy and its algorithm use: ``compile_options``, or
+        :func:`~sb3_qchunk.common.precision.compile_options` where it is None; on a CPU with ``cpp.simdlen`` set to
+        the vector width inductor picks in this process unless they set it (the same code, but a cache key of its own
+        per width: :func:`~sb3_qchunk.common.precision.inductor_cpu_simdlen`).
+        """
+        options = compile_options(self.device) if self.compile_options is None else dict(self.compile_options)
+        if self.device.type == "cpu":
+            options.setdefault("cpp.simdlen", inductor_cpu_simdlen())
+        return options
 
     def sample_chunks_from_noise(self, obs: PyTorchObs, noise: th.Tensor) -> th.Tensor:
         """
