@@ -354,7 +354,8 @@ class QCPolicy(BasePolicy):
         ``compile_update``. Compiled and eager code draw the same noise, so they agree for a seed
     :param compile_options: inductor options of ``torch.compile`` for ``compile_sampling`` and the algorithm's
         ``compile_update``; None for the defaults chosen by measurement
-        (:func:`sb3_qchunk.common.precision.compile_options`)
+        (:func:`sb3_qchunk.common.precision.compile_options`). On a CPU, ``cpp.simdlen`` is added where they do not
+        set it (:meth:`inductor_options`)
     :param critic_layer_norm: LayerNorm in the critics
     :param actor_layer_norm: LayerNorm in the actors
     :param features_extractor_class: features extractor class
