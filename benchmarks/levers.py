@@ -95,41 +95,15 @@ def fuse_flow_linear_gelu(model: QC) -> None:
             body[i], body[i + 1] = SamplingLinearGELU(body[i]), nn.Identity()
 
 
-# erf(z) ~ z P(z^2) / Q(z^2) on |z| <= 3.9 (erf(3.9) = 1 - 3.5e-8), fitted for this lever (Lawson-weighted least squares
-# for the least maximum error): 1.5e-8 in float64; evaluated in float32, GELU within 1.1e-6 of the exact one on
-# [-12, 12] (ATen's eager GELU: 1.2e-6, inductor's: 4.7e-7).
-ERF_P = (1.12837903e00, 1.91916300e-01, 5.29636867e-02, 3.83581339e-03, 2.87432674e-04, 2.05057618e-06)
-ERF_Q = (1.0, 5.03413181e-01, 1.14748011e-01, 1.51070963e-02, 1.18147433e-03, 3.82313960e-05)
-ERF_LIMIT = 3.9
-# GELU(x) = x (1/2 + x' A(x'^2) / B(x'^2)) with x' = x clamped to sqrt(2) ERF_LIMIT: P and Q with z = x / sqrt(2) folded in.
-_GELU_A = [0.5 * p * 0.5**k / 2**0.5 for k, p in enumerate(ERF_P)]
-_GELU_B = [q * 0.5**k for k, q in enumerate(ERF_Q)]
-
-
-def rational_gelu(x: th.Tensor) -> th.Tensor:
-    """erf GELU with erf as a rational function: multiply-adds and one division, no exp (inductor's erf has both)."""
-    w = x.clamp(-(2**0.5) * ERF_LIMIT, 2**0.5 * ERF_LIMIT)
-    v = w * w
-    a, b = _GELU_A[-1], _GELU_B[-1]
-    for c in _GELU_A[-2::-1]:
-        a = a * v + c
-    for c in _GELU_B[-2::-1]:
-        b = b * v + c
-    return x * (0.5 + w * a / b)
-
-
-class RationalGELU(nn.GELU):
-    """erf GELU; in compiled no-gradient code (the sampling path) as :func:`rational_gelu`."""
-
-    def forward(self, x: th.Tensor) -> th.Tensor:
-        if th.is_grad_enabled() or not th.compiler.is_compiling():
-            return super().forward(x)
-        return rational_gelu(x)
-
-
-def use_rational_gelu(model: QC) -> None:
-    """Every erf GELU of the policy computes erf as a rational function in compiled no-gradient code."""
-    replace_erf_gelus(model, RationalGELU)
+@contextlib.contextmanager
+def rational_gelu_width(max_simdlen: int) -> Iterator[None]:
+    """Compiled no-gradient erf GELUs as the library's ``rational_gelu`` up to this inductor vector width (0: never)."""
+    previous = torch_layers.RATIONAL_GELU_MAX_SIMDLEN
+    torch_layers.RATIONAL_GELU_MAX_SIMDLEN = max_simdlen
+    try:
+        yield
+    finally:
+        torch_layers.RATIONAL_GELU_MAX_SIMDLEN = previous
 
 
 def use_tanh_gelu(model: QC) -> None:
@@ -301,9 +275,15 @@ LEVERS = {
     ),
     "tanh-gelu": Lever("tanh-approximated GELU (the reference's activation, `jax.nn.gelu`) instead of erf GELU", apply=use_tanh_gelu),
     "rational-gelu": Lever(
-        "compiled no-gradient GELUs compute erf as a rational function (multiply-adds and a division) instead of inductor's "
-        "exp-and-division erf; the same function within float32 rounding",
-        apply=use_rational_gelu,
+        "the flow's and critics' compiled no-gradient GELUs compute erf as a rational function (multiply-adds and a "
+        "division, `rational_gelu`) at any vector width (shipped: AVX2's 256 bits and below); the same function within "
+        "float32 rounding",
+        context=functools.partial(rational_gelu_width, 2**16),
+    ),
+    "inductor-erf-gelu": Lever(
+        "the flow's and critics' compiled no-gradient GELUs with inductor's erf (exponential and division) at every "
+        "vector width (shipped: `rational_gelu` at AVX2's 256 bits and below)",
+        context=functools.partial(rational_gelu_width, 0),
     ),
     "bf16-fpmath": Lever(
         "`torch.backends.mkldnn.matmul.fp32_precision = 'bf16'` around the updates (gradient path's matmuls included)",

@@ -910,6 +910,49 @@ def test_flow_integration_is_euler_steps_of_the_velocity_with_a_column_of_times(
         th.testing.assert_close(by_integrate().float(), expected, rtol=0, atol=0.1)
 
 
+def test_rational_gelu_is_erf_gelu_within_float32_rounding():
+    from sb3_qchunk.common.torch_layers import rational_gelu
+
+    x = th.linspace(-12, 12, 200_001)
+    assert (rational_gelu(x).double() - F.gelu(x.double())).abs().max() < 1.2e-6
+    assert (rational_gelu(th.tensor([-1e4, 1e4])) == th.tensor([0.0, 1e4])).all()  # saturates exactly
+    assert rational_gelu(th.tensor([float("nan")])).isnan().all()
+
+
+@pytest.mark.parametrize("max_simdlen", [0, 2**16])
+def test_compiled_sampling_computes_gelus_as_a_rational_erf_where_it_pays(monkeypatch, max_simdlen):
+    """
+    Where inductor's CPU code is narrow (AVX2; forced here by the width setting), compiled no-gradient code (the flow's
+    Euler steps, the critic scoring candidates) computes its erf GELUs as rational_gelu: no GELU op left in the traced
+    graph, the same chunks as eager within float32 rounding; the gradient path keeps its GELUs.
+    """
+    from sb3_qchunk.common import torch_layers
+
+    monkeypatch.setattr(torch_layers, "RATIONAL_GELU_MAX_SIMDLEN", max_simdlen)
+    rational = torch_layers.rational_gelu_pays()
+    assert rational == (max_simdlen > 0)
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append([node.target for node in graph_module.graph.nodes if node.op == "call_function"])
+        return graph_module.forward
+
+    model = small_qc(num_samples=4, policy_kwargs=dict(net_arch=[16, 16]))
+    policy = model.policy
+    obs, noise = th.randn(3, 3), policy.sampling_noise(3)
+    th._dynamo.reset()
+    with th.no_grad():
+        compiled = th.compile(policy.sample_chunks_from_noise, backend=recording_backend)(obs, noise)
+        eager = policy.sample_chunks_from_noise(obs, noise)
+    th.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+    assert graphs and any(F.gelu in targets for targets in graphs) != rational
+    graphs.clear()
+    features, x, t = th.randn(3, 3), th.randn(3, model.chunk_size), th.rand(3, 1)
+    th.compile(policy.actor.flow, backend=recording_backend)(features, x, t)  # with gradient
+    assert any(F.gelu in targets for targets in graphs)
+    th._dynamo.reset()
+
+
 def test_layers_called_directly_agree_with_the_modules_and_hooks_always_run(monkeypatch):
     """The flow's Euler steps and the critic's layers call the layers' forward without nn.Module.__call__ where no hook
     can run (direct_call): the same chunks and Q values as calling the modules, and a hook registered on a layer or
