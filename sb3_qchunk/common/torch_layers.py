@@ -85,19 +85,20 @@ def rational_gelu(x: th.Tensor) -> th.Tensor:
     return x * (0.5 + w * a / b)
 
 
+# The widest inductor CPU code (bits) whose compiled no-gradient erf GELUs run as rational_gelu (0: none).
+RATIONAL_GELU_MAX_SIMDLEN = 256
+
+
 def rational_gelu_pays() -> bool:
     """
     Whether compiled no-gradient code (the sampling path: the flow's Euler steps, the critic's scoring of candidates)
     computes its erf GELUs as :func:`rational_gelu`: where inductor's CPU code is at most ``RATIONAL_GELU_MAX_SIMDLEN``
-    (256) bits wide (AVX2), where its erf costs the most. Measured with the compiled updates on a Xeon held to AVX2 (``ATEN_CPU_CAPABILITY=avx2``; paired,
-    in turns): best-of-N 1.09x the updates/s, QC-FQL 1.04x; with AVX-512 code 1.03-1.04x on a Xeon without AMX and a
-    Zen 5, 0.95x on a Xeon with AMX: there inductor's erf stays.
+    (256) bits wide (AVX2), where its erf costs the most. Measured with the compiled updates on a Xeon held to AVX2
+    (``ATEN_CPU_CAPABILITY=avx2``; paired, in turns): best-of-N 1.07-1.09x the updates/s, QC-FQL within the noise;
+    with AVX-512 code 1.03-1.04x on a Xeon without AMX and a Zen 5, 0.95x on a Xeon with AMX: there inductor's erf
+    stays.
     """
     return 0 < inductor_cpu_simdlen() <= RATIONAL_GELU_MAX_SIMDLEN
-
-
-# The widest inductor CPU code (bits) whose compiled no-gradient erf GELUs run as rational_gelu (0: none).
-RATIONAL_GELU_MAX_SIMDLEN = 256
 
 
 class EnsembleLinear(nn.Module):
