@@ -89,6 +89,7 @@ def rational_gelu(x: th.Tensor) -> th.Tensor:
 RATIONAL_GELU_MAX_SIMDLEN = 256
 
 
+@th.compiler.assume_constant_result  # decided while tracing, outside the graph (inductor's functions break graphs)
 def rational_gelu_pays() -> bool:
     """
     Whether compiled no-gradient code (the sampling path: the flow's Euler steps, the critic's scoring of candidates)
