@@ -96,14 +96,14 @@ def fuse_flow_linear_gelu(model: QC) -> None:
 
 
 @contextlib.contextmanager
-def rational_gelu_width(max_simdlen: int) -> Iterator[None]:
-    """Compiled no-gradient erf GELUs as the library's ``rational_gelu`` up to this inductor vector width (0: never)."""
-    previous = torch_layers.RATIONAL_GELU_MAX_SIMDLEN
-    torch_layers.RATIONAL_GELU_MAX_SIMDLEN = max_simdlen
+def rational_gelu(enabled: bool) -> Iterator[None]:
+    """Compiled no-gradient erf GELUs of the flow and critics as the library's ``rational_gelu`` or not."""
+    previous = torch_layers.RATIONAL_GELU
+    torch_layers.RATIONAL_GELU = enabled
     try:
         yield
     finally:
-        torch_layers.RATIONAL_GELU_MAX_SIMDLEN = previous
+        torch_layers.RATIONAL_GELU = previous
 
 
 def use_tanh_gelu(model: QC) -> None:
@@ -276,14 +276,14 @@ LEVERS = {
     "tanh-gelu": Lever("tanh-approximated GELU (the reference's activation, `jax.nn.gelu`) instead of erf GELU", apply=use_tanh_gelu),
     "rational-gelu": Lever(
         "the flow's and critics' compiled no-gradient GELUs compute erf as a rational function (multiply-adds and a "
-        "division, `rational_gelu`) at any vector width (shipped: AVX2's 256 bits and below); the same function within "
+        "division, `rational_gelu`) on any CPU (shipped where ATen's kernels are AVX2); the same function within "
         "float32 rounding",
-        context=functools.partial(rational_gelu_width, 2**16),
+        context=functools.partial(rational_gelu, True),
     ),
     "inductor-erf-gelu": Lever(
-        "the flow's and critics' compiled no-gradient GELUs with inductor's erf (exponential and division) at every "
-        "vector width (shipped: `rational_gelu` at AVX2's 256 bits and below)",
-        context=functools.partial(rational_gelu_width, 0),
+        "the flow's and critics' compiled no-gradient GELUs with inductor's erf (exponential and division) on any CPU "
+        "(shipped: `rational_gelu` where ATen's kernels are AVX2)",
+        context=functools.partial(rational_gelu, False),
     ),
     "bf16-fpmath": Lever(
         "`torch.backends.mkldnn.matmul.fp32_precision = 'bf16'` around the updates (gradient path's matmuls included)",

@@ -919,19 +919,25 @@ def test_rational_gelu_is_erf_gelu_within_float32_rounding():
     assert rational_gelu(th.tensor([float("nan")])).isnan().all()
 
 
-@pytest.mark.parametrize("max_simdlen", [0, 2**16])
-def test_compiled_sampling_computes_gelus_as_a_rational_erf_where_it_pays(monkeypatch, max_simdlen):
+@pytest.mark.parametrize("capability", ["AVX2", "AVX512", "DEFAULT"])
+def test_rational_gelu_by_default_only_for_avx2_code(monkeypatch, capability):
+    from sb3_qchunk.common import torch_layers
+
+    monkeypatch.setattr(th.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert torch_layers.default_rational_gelu() == (capability == "AVX2")
+
+
+@pytest.mark.parametrize("rational", [False, True])
+def test_compiled_sampling_computes_gelus_as_a_rational_erf_where_it_pays(monkeypatch, rational):
     """
-    Where inductor's CPU code is narrow (AVX2; forced here by the width setting), compiled no-gradient code (the flow's
+    Where ATen's and inductor's CPU code is AVX2 (forced here by the setting), compiled no-gradient code (the flow's
     Euler steps, the critic scoring candidates) computes its erf GELUs as rational_gelu: no GELU op left in the traced
     graph, which the decision does not break, the same chunks as eager within float32 rounding; the gradient path
     keeps its GELUs.
     """
     from sb3_qchunk.common import torch_layers
 
-    monkeypatch.setattr(torch_layers, "RATIONAL_GELU_MAX_SIMDLEN", max_simdlen)
-    rational = torch_layers.rational_gelu_pays()
-    assert rational == (max_simdlen > 0)
+    monkeypatch.setattr(torch_layers, "RATIONAL_GELU", rational)
     graphs = []
 
     def recording_backend(graph_module, example_inputs):

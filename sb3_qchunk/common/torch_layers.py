@@ -10,7 +10,7 @@ from torch.nn import functional as F
 from torch.nn.modules import module as module_internals
 from torch.utils.flop_counter import register_flop_formula
 
-from sb3_qchunk.common.precision import inductor_cpu_simdlen, onednn_allows
+from sb3_qchunk.common.precision import onednn_allows
 
 # nn.Module.__call__ runs a module's forward hooks and backward hooks from these registries besides the module's own.
 _GLOBAL_HOOKS = (
@@ -35,8 +35,8 @@ def direct_call(module: nn.Module, dtype: th.dtype | None = None) -> Callable[[t
     numbers as autocast's own casts, which it would redo at every call where its cache of casts is off (in
     ``torch.inference_mode``, where the chunk choice runs, and in compiled code).
 
-    While ``torch.compile`` traces code without gradient for a CPU whose inductor code is at most 256 bits wide
-    (AVX2), an erf ``nn.GELU`` becomes :func:`rational_gelu` (:func:`rational_gelu_pays`).
+    While ``torch.compile`` traces code without gradient where ``RATIONAL_GELU`` is set (AVX2 code,
+    :func:`default_rational_gelu`), an erf ``nn.GELU`` becomes :func:`rational_gelu` on CPU tensors.
 
     :param module: the layer
     :param dtype: the precision of autocast's matmuls, None where autocast is off
@@ -50,7 +50,7 @@ def direct_call(module: nn.Module, dtype: th.dtype | None = None) -> Callable[[t
         bias = None if module.bias is None else module.bias.to(dtype)
         return lambda x: F.linear(x, weight, bias)
     if th.compiler.is_compiling():
-        if type(module) is nn.GELU and module.approximate == "none" and not th.is_grad_enabled() and rational_gelu_pays():
+        if RATIONAL_GELU and type(module) is nn.GELU and module.approximate == "none" and not th.is_grad_enabled():
             return lambda x: rational_gelu(x) if x.device.type == "cpu" else module(x)
         return module
     if type(module) is nn.Linear:
@@ -85,21 +85,20 @@ def rational_gelu(x: th.Tensor) -> th.Tensor:
     return x * (0.5 + w * a / b)
 
 
-# The widest inductor CPU code (bits) whose compiled no-gradient erf GELUs run as rational_gelu (0: none).
-RATIONAL_GELU_MAX_SIMDLEN = 256
-
-
-@th.compiler.assume_constant_result  # decided while tracing, outside the graph (inductor's functions break graphs)
-def rational_gelu_pays() -> bool:
+def default_rational_gelu() -> bool:
     """
     Whether compiled no-gradient code (the sampling path: the flow's Euler steps, the critic's scoring of candidates)
-    computes its erf GELUs as :func:`rational_gelu`: where inductor's CPU code is at most ``RATIONAL_GELU_MAX_SIMDLEN``
-    (256) bits wide (AVX2), where its erf costs the most. Measured with the compiled updates on a Xeon held to AVX2
-    (``ATEN_CPU_CAPABILITY=avx2``; paired, in turns): best-of-N 1.07-1.09x the updates/s, QC-FQL within the noise;
-    with AVX-512 code 1.03-1.04x on a Xeon without AMX and a Zen 5, 0.95x on a Xeon with AMX: there inductor's erf
-    stays.
+    computes its erf GELUs as :func:`rational_gelu`: where ATen's kernels, and so inductor's generated code, are AVX2
+    (an AVX2-only CPU, or ``ATEN_CPU_CAPABILITY=avx2``), whose 8-float vectors make inductor's erf (an exponential and
+    a division) cost the most. Measured with the compiled updates on a Xeon held to AVX2 (paired, in turns):
+    best-of-N 1.09x the updates/s, QC-FQL within the noise; with AVX-512 code 1.03-1.04x on a Xeon without AMX and a
+    Zen 5, 0.95x on a Xeon with AMX: there inductor's erf stays.
     """
-    return 0 < inductor_cpu_simdlen() <= RATIONAL_GELU_MAX_SIMDLEN
+    return th.backends.cpu.get_cpu_capability() == "AVX2"
+
+
+# Read while torch.compile traces (a plain value: dynamo guards on it, so changing it recompiles).
+RATIONAL_GELU = default_rational_gelu()
 
 
 class EnsembleLinear(nn.Module):
