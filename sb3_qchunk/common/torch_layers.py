@@ -91,8 +91,8 @@ def default_rational_gelu() -> bool:
     computes its erf GELUs as :func:`rational_gelu`: where ATen's kernels, and so inductor's generated code, are AVX2
     (an AVX2-only CPU, or ``ATEN_CPU_CAPABILITY=avx2``), whose 8-float vectors make inductor's erf (an exponential and
     a division) cost the most. Measured with the compiled updates on a Xeon held to AVX2 (paired, in turns):
-    best-of-N 1.09-1.11x the updates/s, QC-FQL 1.04-1.12x (less sure); with AVX-512 code 1.03-1.04x on a Xeon without AMX and a
-    Zen 5, 0.95x on a Xeon with AMX: there inductor's erf stays.
+    best-of-N 1.09-1.11x the updates/s, QC-FQL 1.04-1.12x (less sure); with AVX-512 code 1.03-1.04x on a Xeon
+    without AMX and a Zen 5, 0.95x on a Xeon with AMX: there inductor's erf stays.
     """
     return th.backends.cpu.get_cpu_capability() == "AVX2"
 
