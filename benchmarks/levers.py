@@ -96,7 +96,7 @@ def fuse_flow_linear_gelu(model: QC) -> None:
 
 
 @contextlib.contextmanager
-def rational_gelu(enabled: bool) -> Iterator[None]:
+def rational_gelu_setting(enabled: bool) -> Iterator[None]:
     """Compiled no-gradient erf GELUs of the flow and critics as the library's ``rational_gelu`` or not."""
     previous = torch_layers.RATIONAL_GELU
     torch_layers.RATIONAL_GELU = enabled
@@ -278,12 +278,12 @@ LEVERS = {
         "the flow's and critics' compiled no-gradient GELUs compute erf as a rational function (multiply-adds and a "
         "division, `rational_gelu`) on any CPU (shipped where ATen's kernels are AVX2); the same function within "
         "float32 rounding",
-        context=functools.partial(rational_gelu, True),
+        context=functools.partial(rational_gelu_setting, True),
     ),
     "inductor-erf-gelu": Lever(
         "the flow's and critics' compiled no-gradient GELUs with inductor's erf (exponential and division) on any CPU "
         "(shipped: `rational_gelu` where ATen's kernels are AVX2)",
-        context=functools.partial(rational_gelu, False),
+        context=functools.partial(rational_gelu_setting, False),
     ),
     "bf16-fpmath": Lever(
         "`torch.backends.mkldnn.matmul.fp32_precision = 'bf16'` around the updates (gradient path's matmuls included)",
