@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch as th
 import torch.nn.functional as F
@@ -95,42 +96,20 @@ def fuse_flow_linear_gelu(model: QC) -> None:
             body[i], body[i + 1] = SamplingLinearGELU(body[i]), nn.Identity()
 
 
-@contextlib.contextmanager
-def rational_gelu_setting(enabled: bool) -> Iterator[None]:
-    """Compiled no-gradient erf GELUs of the flow and critics as the library's ``rational_gelu`` or not."""
-    previous = torch_layers.RATIONAL_GELU
-    torch_layers.RATIONAL_GELU = enabled
-    try:
-        yield
-    finally:
-        torch_layers.RATIONAL_GELU = previous
-
-
 def use_tanh_gelu(model: QC) -> None:
     """Every erf GELU of the policy becomes the tanh approximation (``jax.nn.gelu``'s default, the reference's)."""
     replace_erf_gelus(model, functools.partial(nn.GELU, approximate="tanh"))
 
 
 @contextlib.contextmanager
-def bf16_fpmath() -> Iterator[None]:
-    """float32 matmuls computed by oneDNN from bf16-rounded inputs (fp32 accumulation), the CPU analogue of TF32."""
-    previous = th.backends.mkldnn.matmul.fp32_precision
-    th.backends.mkldnn.matmul.fp32_precision = "bf16"
+def setting(owner: Any, name: str, value: Any) -> Iterator[None]:
+    """``owner.name`` set to ``value`` inside the block and put back after it (a module's setting, a torch flag)."""
+    previous = getattr(owner, name)
+    setattr(owner, name, value)
     try:
         yield
     finally:
-        th.backends.mkldnn.matmul.fp32_precision = previous
-
-
-@contextlib.contextmanager
-def linear_gelu_threshold(min_macs: int | None) -> Iterator[None]:
-    """The flow's Linear+GELU pairs fused into one oneDNN call from ``min_macs`` multiply-adds (None: never)."""
-    previous = torch_layers.FUSED_LINEAR_GELU_MIN_MACS
-    torch_layers.FUSED_LINEAR_GELU_MIN_MACS = min_macs
-    try:
-        yield
-    finally:
-        torch_layers.FUSED_LINEAR_GELU_MIN_MACS = previous
+        setattr(owner, name, previous)
 
 
 @dataclass
@@ -243,17 +222,17 @@ LEVERS = {
         "`sampling_precision='float32'` with the flow's Linear+GELU pairs never fused into one oneDNN call (what "
         "`fused_linear_gelu_dtype` does for large batches on AVX-512 CPUs)",
         policy_kwargs=dict(sampling_precision="float32"),
-        context=functools.partial(linear_gelu_threshold, None),
+        context=functools.partial(setting, torch_layers, "FUSED_LINEAR_GELU_MIN_MACS", None),
     ),
     "unfused": Lever(
         "the flow's Linear+GELU pairs never fused into one oneDNN call (the shipped sampling path fuses large batches "
         "on AVX-512 CPUs)",
-        context=functools.partial(linear_gelu_threshold, None),
+        context=functools.partial(setting, torch_layers, "FUSED_LINEAR_GELU_MIN_MACS", None),
     ),
     "fused-large": Lever(
         "the flow's Linear+GELU pairs fused into one oneDNN call from 2^30 multiply-adds, what AVX-512 CPUs ship (AVX2-only "
         "CPUs never fuse)",
-        context=functools.partial(linear_gelu_threshold, torch_layers.AVX512_FUSED_LINEAR_GELU_MIN_MACS),
+        context=functools.partial(setting, torch_layers, "FUSED_LINEAR_GELU_MIN_MACS", torch_layers.AVX512_FUSED_LINEAR_GELU_MIN_MACS),
     ),
     "one-graph-update": Lever("`compile_update='one_graph'`: the whole update as one compiled graph, for either actor", "one_graph"),
     "two-graph-update": Lever(
@@ -278,16 +257,16 @@ LEVERS = {
         "the flow's and critics' compiled no-gradient GELUs compute erf as a rational function (multiply-adds and a "
         "division, `rational_gelu`) on any CPU (shipped where ATen's kernels are AVX2); the same function within "
         "float32 rounding",
-        context=functools.partial(rational_gelu_setting, True),
+        context=functools.partial(setting, torch_layers, "RATIONAL_GELU", True),
     ),
     "inductor-erf-gelu": Lever(
         "the flow's and critics' compiled no-gradient GELUs with inductor's erf (exponential and division) on any CPU "
         "(shipped: `rational_gelu` where ATen's kernels are AVX2)",
-        context=functools.partial(rational_gelu_setting, False),
+        context=functools.partial(setting, torch_layers, "RATIONAL_GELU", False),
     ),
     "bf16-fpmath": Lever(
         "`torch.backends.mkldnn.matmul.fp32_precision = 'bf16'` around the updates (gradient path's matmuls included)",
-        context=bf16_fpmath,
+        context=functools.partial(setting, th.backends.mkldnn.matmul, "fp32_precision", "bf16"),
         needs_mkldnn=True,
     ),
 }

@@ -276,8 +276,9 @@ def test_act_latency_smoke(tmp_path):
 
 def test_reports_name_the_instruction_set_limits_they_ran_under(monkeypatch):
     """A run limited to older instruction sets (ATen, oneDNN, MKL, the reference's XLA) says so in its machine line."""
-    machine_line = benchmark_module("throughput").machine_line
-    for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "XLA_FLAGS", "GLIBC_TUNABLES"):
+    throughput = benchmark_module("throughput")
+    machine_line = throughput.machine_line
+    for name in throughput.MACHINE_SETTINGS:
         monkeypatch.delenv(name, raising=False)
     plain = machine_line("cpu")
     assert "ONEDNN_MAX_CPU_ISA" not in plain and "XLA_FLAGS" not in plain
