@@ -52,6 +52,8 @@ import ogbench  # noqa: F401  (registers the OGBench envs)
 import torch as th
 from stable_baselines3.common.logger import configure
 
+from throughput import machine_line  # benchmarks/ is the script's directory
+
 from sb3_qchunk import QC
 from sb3_qchunk.common.evaluation import evaluate_success
 from sb3_qchunk.datasets import cached_play_dataset, load_ogbench_npz
@@ -225,7 +227,9 @@ def run_all(args: argparse.Namespace, out: Path) -> None:
     else:
         curves.unlink(missing_ok=True)
     config = {key: value for key, value in vars(args).items() if key not in ("resume", "report_only")}
-    machine = f"{platform.platform()}, {os.cpu_count()} cores, torch {th.__version__}, device {args.device}"
+    device = ("cuda" if th.cuda.is_available() else "cpu") if args.device == "auto" else args.device  # SB3's "auto"
+    threads = 1 if args.workers > 1 else th.get_num_threads()  # (see main: parallel runs get one thread each)
+    machine = f"{machine_line(device, threads)}, {platform.platform()}"
     info = dict(command=command_line(), date=now(), machine=machine, commit=git_commit())
     (out / "config.json").write_text(json.dumps({**info, "config": config}, indent=2))
 

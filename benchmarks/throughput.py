@@ -788,9 +788,9 @@ MACHINE_SETTINGS = (
 )
 
 
-def machine_line(device: str) -> str:
+def machine_line(device: str, threads: int | None = None) -> str:
     """The CPU (model name, family and model, the instruction sets precisions depend on, ATen's vector width), cores,
-    torch and device."""
+    torch and its threads (``threads``, or this process's), device and the settings of :data:`MACHINE_SETTINGS` set."""
     cpu = platform.processor() or platform.machine()
     facts: list[str] = []
     try:
@@ -816,7 +816,7 @@ def machine_line(device: str) -> str:
         cpu += f"; GPU {th.cuda.get_device_name()}"
     settings = [f"{name}={os.environ[name]}" for name in MACHINE_SETTINGS if os.environ.get(name)]
     settings_text = f", {' '.join(settings)}" if settings else ""
-    return f"{cpu}, {os.cpu_count()} cores, torch {th.__version__} ({th.get_num_threads()} threads), device {device}{settings_text}"
+    return f"{cpu}, {os.cpu_count()} cores, torch {th.__version__} ({threads or th.get_num_threads()} threads), device {device}{settings_text}"
 
 
 def report_header(title: str, device: str) -> list[str]:

@@ -108,6 +108,9 @@ def test_learning_smoke(tmp_path, play_data_dir):
         assert {row["phase"] for row in rows if row["method"] == method} == {"offline", "online"}
     assert all(0.0 <= float(row["success_rate"]) <= 1.0 for row in rows)
     assert (tmp_path / "summary.md").exists() and (tmp_path / "cube-single.png").exists()
+    # The machine it ran on as the speed benchmarks name it (CPU, torch threads per run: the smoke run has one worker)
+    machine = json.loads((tmp_path / "config.json").read_text())["machine"]
+    assert machine.startswith(benchmark_module("throughput").machine_line("cpu", th.get_num_threads()))
 
 
 def test_levers_smoke(tmp_path):
@@ -282,6 +285,8 @@ def test_reports_name_the_instruction_set_limits_they_ran_under(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     plain = machine_line("cpu")
     assert "ONEDNN_MAX_CPU_ISA" not in plain and "XLA_FLAGS" not in plain
+    # the threads of the runs it describes (e.g. one per run where runs share the cores), this process's by default
+    assert machine_line("cpu", threads=7) == plain.replace(f"({th.get_num_threads()} threads)", "(7 threads)") != plain
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_max_isa=AVX2")
