@@ -96,6 +96,19 @@ def fuse_flow_linear_gelu(model: QC) -> None:
             body[i], body[i + 1] = SamplingLinearGELU(body[i]), nn.Identity()
 
 
+class RationalGELU(nn.GELU):
+    """erf GELU as :func:`~sb3_qchunk.common.torch_layers.rational_gelu` everywhere, the gradient path too (autograd
+    differentiates the rational form: no exponential in the backward either)."""
+
+    def forward(self, x: th.Tensor) -> th.Tensor:
+        return torch_layers.rational_gelu(x)
+
+
+def use_rational_gelu_everywhere(model: QC) -> None:
+    """Every erf GELU of the policy, with and without gradient, becomes :class:`RationalGELU`."""
+    replace_erf_gelus(model, RationalGELU)
+
+
 def use_tanh_gelu(model: QC) -> None:
     """Every erf GELU of the policy becomes the tanh approximation (``jax.nn.gelu``'s default, the reference's)."""
     replace_erf_gelus(model, functools.partial(nn.GELU, approximate="tanh"))
@@ -258,6 +271,11 @@ LEVERS = {
         "division, `rational_gelu`) on any CPU (shipped where ATen's kernels are AVX2); the same function within "
         "float32 rounding",
         context=functools.partial(setting, torch_layers, "RATIONAL_GELU", True),
+    ),
+    "rational-gelu-everywhere": Lever(
+        "every erf GELU of the policy computes erf as a rational function (`rational_gelu`), with and without gradient: "
+        "the gradient path's GELUs and their backward (autograd through the rational form) too",
+        apply=use_rational_gelu_everywhere,
     ),
     "inductor-erf-gelu": Lever(
         "the flow's and critics' compiled no-gradient GELUs with inductor's erf (exponential and division) on any CPU "
