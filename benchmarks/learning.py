@@ -36,7 +36,6 @@ import datetime
 import itertools
 import json
 import multiprocessing
-import os
 import platform
 import shlex
 import subprocess
