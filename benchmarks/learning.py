@@ -50,6 +50,7 @@ import numpy as np
 import ogbench  # noqa: F401  (registers the OGBench envs)
 import torch as th
 from stable_baselines3.common.logger import configure
+from stable_baselines3.common.utils import get_device
 
 from throughput import machine_line  # benchmarks/ is the script's directory
 
@@ -226,7 +227,7 @@ def run_all(args: argparse.Namespace, out: Path) -> None:
     else:
         curves.unlink(missing_ok=True)
     config = {key: value for key, value in vars(args).items() if key not in ("resume", "report_only")}
-    device = ("cuda" if th.cuda.is_available() else "cpu") if args.device == "auto" else args.device  # SB3's "auto"
+    device = get_device(args.device).type  # as the runs' QC models resolve it ("auto": cuda where there is one)
     threads = 1 if args.workers > 1 else th.get_num_threads()  # (see main: parallel runs get one thread each)
     machine = f"{machine_line(device, threads)}, {platform.platform()}"
     info = dict(command=command_line(), date=now(), machine=machine, commit=git_commit())
