@@ -109,6 +109,53 @@ def use_rational_gelu_everywhere(model: QC) -> None:
     replace_erf_gelus(model, RationalGELU)
 
 
+class _RationalGELUFunction(th.autograd.Function):
+    """:func:`~sb3_qchunk.common.torch_layers.rational_gelu` with its derivative written out (multiply-adds and
+    divisions, no exponential): the backward saves the input only, not autograd's intermediates of the rational form."""
+
+    @staticmethod
+    def forward(x: th.Tensor) -> th.Tensor:
+        return torch_layers.rational_gelu(x)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[th.Tensor], output: th.Tensor) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad: th.Tensor) -> th.Tensor:
+        (x,) = ctx.saved_tensors
+        limit = 2**0.5 * torch_layers.ERF_LIMIT
+        w = x.clamp(-limit, limit)
+        v = w * w
+        a_coef, b_coef = torch_layers._GELU_A, torch_layers._GELU_B
+        a, b = a_coef[-1], b_coef[-1]
+        for c in a_coef[-2::-1]:
+            a = a * v + c
+        for c in b_coef[-2::-1]:
+            b = b * v + c
+        da, db = (len(a_coef) - 1) * a_coef[-1], (len(b_coef) - 1) * b_coef[-1]  # A'(v), B'(v) by Horner too
+        for k in range(len(a_coef) - 2, 0, -1):
+            da = da * v + k * a_coef[k]
+        for k in range(len(b_coef) - 2, 0, -1):
+            db = db * v + k * b_coef[k]
+        ratio = a / b
+        slope = (da - ratio * db) / b  # dR/dv
+        inside = (x.abs() < limit).to(x.dtype)
+        return grad * (0.5 + w * ratio + inside * w * (ratio + 2 * v * slope))
+
+
+class RationalGELUFunction(nn.GELU):
+    """erf GELU as :class:`_RationalGELUFunction` everywhere, the gradient path too."""
+
+    def forward(self, x: th.Tensor) -> th.Tensor:
+        return _RationalGELUFunction.apply(x)
+
+
+def use_rational_gelu_function(model: QC) -> None:
+    """Every erf GELU of the policy, with and without gradient, becomes :class:`RationalGELUFunction`."""
+    replace_erf_gelus(model, RationalGELUFunction)
+
+
 def use_tanh_gelu(model: QC) -> None:
     """Every erf GELU of the policy becomes the tanh approximation (``jax.nn.gelu``'s default, the reference's)."""
     replace_erf_gelus(model, functools.partial(nn.GELU, approximate="tanh"))
@@ -198,6 +245,15 @@ LEVERS = {
         )
         for size in (64, 4096, 16384, 65536)
     },
+    "aggressive-fusion": Lever(
+        "the shipped inductor options with `aggressive_fusion=True`: inductor fuses kernels that share no memory access too",
+        policy_kwargs=dict(compile_options={**SHIPPED, "aggressive_fusion": True}),
+    ),
+    "dynamic-threads": Lever(
+        "the shipped inductor options with `cpp.dynamic_threads=True`: each generated kernel picks its thread count at run "
+        "time from its amount of work",
+        policy_kwargs=dict(compile_options={**SHIPPED, "cpp.dynamic_threads": True}),
+    ),
     "per-update-draws": Lever(
         "`train()` draws each update's batch and noise on its own (`QC.UPDATES_PER_DRAW = 1`) instead of those of up to 32 "
         "updates at once",
@@ -271,6 +327,11 @@ LEVERS = {
         "division, `rational_gelu`) on any CPU (shipped where ATen's kernels are AVX2); the same function within "
         "float32 rounding",
         context=functools.partial(setting, torch_layers, "RATIONAL_GELU", True),
+    ),
+    "rational-gelu-function": Lever(
+        "every erf GELU of the policy as `rational_gelu` with and without gradient, its derivative written out in a "
+        "`torch.autograd.Function` (the backward keeps the input only)",
+        apply=use_rational_gelu_function,
     ),
     "rational-gelu-everywhere": Lever(
         "every erf GELU of the policy computes erf as a rational function (`rational_gelu`), with and without gradient: "
