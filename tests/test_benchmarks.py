@@ -14,6 +14,7 @@ import torch as th
 import torch.nn.functional as F
 
 from sb3_qchunk.common.precision import has_native_bf16
+from sb3_qchunk.common.torch_layers import rational_gelu
 from sb3_qchunk.datasets import cached_play_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,6 +141,20 @@ def test_levers_compute_the_same_function():
     y.sum().backward()
     assert linear.weight.grad is not None
     th.testing.assert_close(y.detach(), expected)
+
+
+def test_rational_gelu_function_lever_has_the_rational_forms_derivative():
+    """The lever's written-out backward is the derivative of ``rational_gelu`` (inside and outside its clamp), which is
+    within float32 rounding of the exact GELU's."""
+    RationalGELUFunction = benchmark_module("levers").RationalGELUFunction
+    x = th.linspace(-12.0, 12.0, 4001, dtype=th.float64, requires_grad=True)
+    (through_autograd,) = th.autograd.grad(rational_gelu(x).sum(), x)
+    (written_out,) = th.autograd.grad(RationalGELUFunction()(x).sum(), x)
+    th.testing.assert_close(written_out, through_autograd, rtol=0, atol=1e-12)
+    x32 = x.detach().float().requires_grad_()
+    (exact,) = th.autograd.grad(F.gelu(x32).sum(), x32)
+    (lever,) = th.autograd.grad(RationalGELUFunction()(x32).sum(), x32)
+    th.testing.assert_close(lever, exact, rtol=0, atol=3e-6)
 
 
 @pytest.mark.skipif(not th.backends.mkldnn.is_available(), reason="torch built without oneDNN")
