@@ -123,25 +123,27 @@ class _RationalGELUFunction(th.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: th.Tensor) -> th.Tensor:
+        # GELU(x) = x (1/2 + w R(w^2)), R = A / B, w = x clamped: the derivative is 1/2 + w R, plus w (R + 2 w^2 R')
+        # where the clamp lets w follow x.
         (x,) = ctx.saved_tensors
         limit = 2**0.5 * torch_layers.ERF_LIMIT
         w = x.clamp(-limit, limit)
         v = w * w
-        a_coef, b_coef = torch_layers._GELU_A, torch_layers._GELU_B
-        a, b = a_coef[-1], b_coef[-1]
-        for c in a_coef[-2::-1]:
-            a = a * v + c
-        for c in b_coef[-2::-1]:
-            b = b * v + c
-        da, db = (len(a_coef) - 1) * a_coef[-1], (len(b_coef) - 1) * b_coef[-1]  # A'(v), B'(v) by Horner too
-        for k in range(len(a_coef) - 2, 0, -1):
-            da = da * v + k * a_coef[k]
-        for k in range(len(b_coef) - 2, 0, -1):
-            db = db * v + k * b_coef[k]
+        a, b = _polynomial(torch_layers._GELU_A, v), _polynomial(torch_layers._GELU_B, v)
+        da = _polynomial([k * c for k, c in enumerate(torch_layers._GELU_A)][1:], v)
+        db = _polynomial([k * c for k, c in enumerate(torch_layers._GELU_B)][1:], v)
         ratio = a / b
-        slope = (da - ratio * db) / b  # dR/dv
+        slope = (da - ratio * db) / b  # R'(v)
         inside = (x.abs() < limit).to(x.dtype)
         return grad * (0.5 + w * ratio + inside * w * (ratio + 2 * v * slope))
+
+
+def _polynomial(coefficients: list[float], v: th.Tensor) -> th.Tensor:
+    """sum_k coefficients[k] v^k, by Horner's rule."""
+    result = coefficients[-1]
+    for c in coefficients[-2::-1]:
+        result = result * v + c
+    return result
 
 
 class RationalGELUFunction(nn.GELU):
