@@ -8,8 +8,9 @@ glibc hands such blocks back to the kernel when they are freed (``mmap``/``munma
 trim above its trim threshold), so the next update faults the same amount of fresh zeroed pages in again: thousands
 of minor page faults and milliseconds of kernel time per update. Whether it does depends on the heap's history
 (glibc raises both thresholds to the largest block freed so far), so a fresh process with one model on a synthetic
-buffer can fault where a process that built several models first (``throughput.py``, ``levers.py``) or loaded a
-dataset (``--dataset``, as a training run does) does not. Each measurement here is a fresh process with one model,
+buffer can fault many times more than a process that built several models first (``throughput.py``, ``levers.py``:
+fewer, not none) or one that loaded a dataset (``--dataset``, as a training run does: none). Each measurement here is
+a fresh process with one model,
 the settings in turns (A B B A ...), and the table shows the paired ratio of each round.
 
     python benchmarks/allocator.py --out benchmarks/results/allocator_<machine>.md   # small config, both actors, eager and compiled
