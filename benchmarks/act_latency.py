@@ -27,6 +27,7 @@ from throughput import (  # benchmarks/ is the script's directory
     interleaved_blocks,
     make_qc,
     report_header,
+    retain_freed_memory,
     write_report,
 )
 
@@ -63,9 +64,10 @@ def main() -> None:
         parser.error("--reference-src and --reference-python go together")
     configs = SMOKE_CONFIG if args.smoke else CONFIGS
     repeats = 2 if args.smoke else args.repeats
+    retained = retain_freed_memory()
     worker = ReferenceProcess(args.reference_python, args.reference_src) if args.reference_src is not None else None
     lines = [
-        *report_header("Chunk choice latency (one observation): eager, compiled and the reference's", "cpu"),
+        *report_header("Chunk choice latency (one observation): eager, compiled and the reference's", "cpu", retained),
         "",
         f"Milliseconds per `predict`, median of {repeats} rounds of blocks, the jobs taking turns in each round. `eager, "
         "oneDNN on`: the eager path without the small-batch oneDNN switch; `eager`: as shipped; `compiled`: "

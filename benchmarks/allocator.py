@@ -30,12 +30,17 @@ import sys
 import time
 
 import torch as th
-from throughput import ACTORS, CONFIGS, SMOKE_CONFIG, make_qc, report_header, write_report  # benchmarks/ is the script's directory
+from throughput import (  # benchmarks/ is the script's directory
+    ACTORS,
+    CONFIGS,
+    RETAIN_FREED_TUNABLES,
+    SMOKE_CONFIG,
+    make_qc,
+    report_header,
+    write_report,
+)
 
-# Keep freed memory in the process: blocks up to 32 MiB (glibc's largest mmap threshold) come from the heap, and the
-# heap is not trimmed until 1 GiB lies free at its top. Setting both matters: setting either one switches off glibc's
-# dynamic adjustment of the other, which then stays at its 128 KiB default (worse than the defaults).
-RETAIN_FREED = "GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824"
+RETAIN_FREED = f"GLIBC_TUNABLES={RETAIN_FREED_TUNABLES}"  # freed memory kept in the process (see throughput.py)
 PATHS = {"eager": False, "compiled": True}  # the model's compile_update (and compile_sampling)
 SECONDS_PER_MEASUREMENT = 4.0  # timed updates per process: about this long at the rate of the warm-up
 

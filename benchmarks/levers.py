@@ -34,7 +34,16 @@ import torch as th
 import torch.nn.functional as F
 from torch import nn
 
-from throughput import ACTORS, CONFIGS, SMOKE_CONFIG, make_qc, onednn_pass, report_header, write_report  # benchmarks/ is the script's directory
+from throughput import (  # benchmarks/ is the script's directory
+    ACTORS,
+    CONFIGS,
+    SMOKE_CONFIG,
+    make_qc,
+    onednn_pass,
+    report_header,
+    retain_freed_memory,
+    write_report,
+)
 
 from sb3_qchunk import QC
 from sb3_qchunk.common import torch_layers
@@ -358,6 +367,7 @@ LEVERS = {
 # --------------------------------------------------------------------------------------------------------------
 def measure(actor: str, config: dict, levers: list[str], threads: int, rounds: int, block: int, batch_size: int) -> list[str]:
     """The table rows of one (actor, thread count): each lever's median rate and paired ratio to the baseline."""
+    retain_freed_memory()
     th.set_num_threads(threads)
     models: dict[str, QC] = {}
     for name in levers:
@@ -427,7 +437,7 @@ def main() -> None:
                 rows += pool.submit(measure, actor, config, levers, threads, args.rounds, block, batch_size).result()
 
     report = [
-        *report_header("Speed levers of the compiled fast path, one against the other", "cpu"),
+        *report_header("Speed levers of the compiled fast path, one against the other", "cpu", retain_freed_memory()),  # as in measure()
         f"Config: {'smoke' if args.smoke else args.config} ({config['net_arch']}, N={config['num_samples']}, batch {batch_size}); "
         f"{args.rounds} rounds of {block} updates per lever, the levers taking turns; then {args.rounds} rounds of "
         f"{4 * block} action choices (`predict`, one observation, deterministic) per lever, in turns too.",

@@ -25,7 +25,9 @@ Throughput of sb3-qchunk on this machine, in one run:
 6. One dense layer at the update's shapes, GFLOP/s: torch's float32 and bf16 matmul, oneDNN's float32 linear, and,
    paired, the reference's (XLA) float32 layer: what sets the matmul floor of each precision on this machine.
 
-Buffers for (1) hold synthetic transitions, so those numbers measure the update itself, not env stepping.
+Buffers for (1) hold synthetic transitions, so those numbers measure the update itself, not env stepping. The run
+keeps freed memory in the process (:func:`retain_freed_memory`; the reference's worker likewise), as a training run
+with a dataset loaded has it: no update faults fresh pages in.
 Each rate is the median of ``--repeats`` timed blocks, the algorithms interleaved block by block, so that a
 slower moment of the machine does not favour one of them.
 
@@ -38,6 +40,7 @@ slower moment of the machine does not favour one of them.
 """
 
 import argparse
+import ctypes
 import datetime
 import json
 import multiprocessing
@@ -111,8 +114,10 @@ class ReferenceProcess:
 
     def __init__(self, python: str, src: Path) -> None:
         worker = Path(__file__).with_name("reference.py")
+        # glibc's malloc as ours (retain_freed_memory), unless the user set it: set before its Python starts.
+        env = {**os.environ, "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES") or RETAIN_FREED_TUNABLES}
         self.process = subprocess.Popen(
-            [python, str(worker), "--src", str(src)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+            [python, str(worker), "--src", str(src)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=env
         )
         self.read()  # {"ready": true} once jax and the reference are imported
 
@@ -774,6 +779,37 @@ def bench_dataset(source: Path, source_size: int, n_transitions: int) -> list[st
     return lines
 
 
+# glibc's malloc settings that keep freed memory in the process: blocks up to 32 MiB (its largest mmap threshold) come
+# from the heap, and the heap is trimmed only when 1 GiB lies free at its top. Setting both matters: setting either one
+# switches off glibc's dynamic adjustment of the other, which then stays at its 128 KiB default.
+RETAINED_MMAP_THRESHOLD, RETAINED_TRIM_THRESHOLD = 32 * 2**20, 2**30
+RETAIN_FREED_TUNABLES = f"glibc.malloc.mmap_threshold={RETAINED_MMAP_THRESHOLD}:glibc.malloc.trim_threshold={RETAINED_TRIM_THRESHOLD}"
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (<malloc.h>)
+RETAINED_MEMORY_NOTE = (
+    "Memory: freed memory kept in the process, ours and the reference's (glibc's malloc set as "
+    f"`GLIBC_TUNABLES={RETAIN_FREED_TUNABLES}`), the state of a training run with a dataset loaded: no page faulted in "
+    "afresh per update (`allocator.py` measures the difference)."
+)
+
+
+def retain_freed_memory() -> bool:
+    """
+    Set this process's glibc malloc as :data:`RETAIN_FREED_TUNABLES` (``mallopt``), so that the memory an update frees
+    stays in the process for the next one. A benchmark then measures every update in the heap state of a training run
+    with a dataset loaded, which faults no fresh pages in per update; with glibc's defaults, whether a benchmark process
+    faults thousands of them per update (compiled QC-FQL small: a fifth of its time) depends on what it happened to
+    allocate and free before. The reference's worker (:class:`ReferenceProcess`) gets the same settings.
+
+    :return: whether both were set (False where the C library is not glibc)
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except AttributeError:
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt(_M_MMAP_THRESHOLD, RETAINED_MMAP_THRESHOLD) == 1 and mallopt(_M_TRIM_THRESHOLD, RETAINED_TRIM_THRESHOLD) == 1
+
+
 # Environment variables that change the rates, named in every report where set: malloc's settings (allocator.py), and
 # the instruction-set limits of ATen's kernels and inductor's code (ATEN_CPU_CAPABILITY), oneDNN, MKL and the
 # reference's XLA, with which a run on one CPU takes the code paths of an older one (e.g. AVX2 only).
@@ -819,13 +855,15 @@ def machine_line(device: str, threads: int | None = None) -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {th.__version__} ({threads or th.get_num_threads()} threads), device {device}{settings_text}"
 
 
-def report_header(title: str, device: str) -> list[str]:
-    """The first lines of a benchmark report: title, the command that made it, date and machine."""
+def report_header(title: str, device: str, retained_memory: bool = False) -> list[str]:
+    """The first lines of a benchmark report: title, the command that made it, date and machine; with
+    ``retained_memory`` (:func:`retain_freed_memory` in effect) the malloc settings of the run."""
     return [
         f"# {title}",
         "",
         f"Command: `{shlex.join(['python', *sys.argv])}`",
         f"Date: {datetime.datetime.now().isoformat(timespec='seconds')}; machine: {machine_line(device)}.",
+        *([RETAINED_MEMORY_NOTE] if retained_memory else []),
     ]
 
 
@@ -870,7 +908,8 @@ def main() -> None:
         data_dir = Path(args.out).parent / "data" if args.smoke and args.out else Path("data")
         args.dataset_source = data_dir / f"cube-single-play-{source_size}-seed0.npz"
 
-    report = [*report_header("Throughput", args.device), ""]
+    retained = retain_freed_memory()
+    report = [*report_header("Throughput", args.device, retained), ""]
     goals: list[str] = []
     # The dense layers first, in a process that has not yet built and trained the other sections' models: measured
     # after them in one run (AMD EPYC Zen 5), every library's layer ran 1.3-3.5x slower than in a process of its own.
