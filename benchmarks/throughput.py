@@ -786,9 +786,9 @@ RETAINED_MMAP_THRESHOLD, RETAINED_TRIM_THRESHOLD = 32 * 2**20, 2**30
 RETAIN_FREED_TUNABLES = f"glibc.malloc.mmap_threshold={RETAINED_MMAP_THRESHOLD}:glibc.malloc.trim_threshold={RETAINED_TRIM_THRESHOLD}"
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (<malloc.h>)
 RETAINED_MEMORY_NOTE = (
-    "Memory: freed memory kept in the process, ours and the reference's (glibc's malloc set as "
-    f"`GLIBC_TUNABLES={RETAIN_FREED_TUNABLES}`), the state of a training run with a dataset loaded: no page faulted in "
-    "afresh per update (`allocator.py` measures the difference)."
+    "Memory: freed memory kept in the benchmark's processes and the reference's worker where one runs (glibc's malloc "
+    f"set as `GLIBC_TUNABLES={RETAIN_FREED_TUNABLES}`), the state of a training run with a dataset loaded: no page "
+    "faulted in afresh per update (`allocator.py` measures the difference)."
 )
 
 
@@ -800,8 +800,11 @@ def retain_freed_memory() -> bool:
     faults thousands of them per update (compiled QC-FQL small: a fifth of its time) depends on what it happened to
     allocate and free before. The reference's worker (:class:`ReferenceProcess`) gets the same settings.
 
-    :return: whether both were set (False where the C library is not glibc)
+    :return: whether both were set: False where the C library is not glibc, and where ``GLIBC_TUNABLES`` is set (the
+        user's own malloc settings, which the report's machine line names, are left as they are)
     """
+    if os.environ.get("GLIBC_TUNABLES"):
+        return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except AttributeError:

@@ -337,10 +337,19 @@ def test_retain_freed_memory_stops_the_page_faults_of_repeated_updates():
     faulted in afresh each time; with freed memory kept in the process, the same pattern faults no page in."""
     def faults(mode: str) -> float:
         command = [sys.executable, "-c", FAULTS_SCRIPT, str(ROOT / "benchmarks"), mode]
-        return float(subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-1])
+        env = {name: value for name, value in os.environ.items() if name != "GLIBC_TUNABLES"}  # glibc's defaults
+        return float(subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout.split()[-1])
 
     assert faults("default") > 1000  # of the 8192 pages a cycle touches
     assert faults("retain") < 256  # less than one 1 MiB block's pages a cycle (seen: 0, or one block's once in 5 cycles)
+
+
+def test_retain_freed_memory_leaves_the_users_malloc_settings(monkeypatch):
+    """Where GLIBC_TUNABLES is set, the benchmarks keep the user's settings (named in their machine line)."""
+    throughput = benchmark_module("throughput")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=131072")
+    assert throughput.retain_freed_memory() is False
+    assert "GLIBC_TUNABLES=glibc.malloc.trim_threshold=131072" in throughput.machine_line("cpu")
 
 
 def test_act_latency_pairs_the_blocks_of_each_round():
