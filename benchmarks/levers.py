@@ -119,8 +119,9 @@ def use_rational_gelu_everywhere(model: QC) -> None:
 
 
 class _RationalGELUFunction(th.autograd.Function):
-    """:func:`~sb3_qchunk.common.torch_layers.rational_gelu` with its derivative written out (multiply-adds and
-    divisions, no exponential): the backward saves the input only, not autograd's intermediates of the rational form."""
+    """:func:`~sb3_qchunk.common.torch_layers.rational_gelu` with its derivative written out
+    (:func:`~sb3_qchunk.common.torch_layers.rational_gelu_derivative`): the backward saves the input only, not
+    autograd's intermediates of the rational form."""
 
     @staticmethod
     def forward(x: th.Tensor) -> th.Tensor:
@@ -132,27 +133,8 @@ class _RationalGELUFunction(th.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: th.Tensor) -> th.Tensor:
-        # GELU(x) = x (1/2 + w R(w^2)), R = A / B, w = x clamped: the derivative is 1/2 + w R, plus w (R + 2 w^2 R')
-        # where the clamp lets w follow x.
         (x,) = ctx.saved_tensors
-        limit = 2**0.5 * torch_layers.ERF_LIMIT
-        w = x.clamp(-limit, limit)
-        v = w * w
-        a, b = _polynomial(torch_layers._GELU_A, v), _polynomial(torch_layers._GELU_B, v)
-        da = _polynomial([k * c for k, c in enumerate(torch_layers._GELU_A)][1:], v)
-        db = _polynomial([k * c for k, c in enumerate(torch_layers._GELU_B)][1:], v)
-        ratio = a / b
-        slope = (da - ratio * db) / b  # R'(v)
-        inside = (x.abs() < limit).to(x.dtype)
-        return grad * (0.5 + w * ratio + inside * w * (ratio + 2 * v * slope))
-
-
-def _polynomial(coefficients: list[float], v: th.Tensor) -> th.Tensor:
-    """sum_k coefficients[k] v^k, by Horner's rule."""
-    result = coefficients[-1]
-    for c in coefficients[-2::-1]:
-        result = result * v + c
-    return result
+        return grad * torch_layers.rational_gelu_derivative(x)
 
 
 class RationalGELUFunction(nn.GELU):

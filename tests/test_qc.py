@@ -919,6 +919,19 @@ def test_rational_gelu_is_erf_gelu_within_float32_rounding():
     assert rational_gelu(th.tensor([float("nan")])).isnan().all()
 
 
+def test_rational_gelu_derivative_is_the_derivative_of_rational_gelu():
+    """Written out, it equals autograd through the rational form (inside and outside the clamp), and so the exact GELU's
+    derivative within float32 rounding."""
+    from sb3_qchunk.common.torch_layers import rational_gelu, rational_gelu_derivative
+
+    x = th.linspace(-12, 12, 200_001, dtype=th.float64, requires_grad=True)
+    (through_autograd,) = th.autograd.grad(rational_gelu(x).sum(), x)
+    th.testing.assert_close(rational_gelu_derivative(x.detach()), through_autograd, rtol=0, atol=1e-12)
+    x32 = x.detach().float().requires_grad_()
+    (exact,) = th.autograd.grad(F.gelu(x32).sum(), x32)
+    assert (rational_gelu_derivative(x32.detach()) - exact).abs().max() < 2.2e-6
+
+
 @pytest.mark.parametrize("capability", ["AVX2", "AVX512", "DEFAULT"])
 def test_rational_gelu_by_default_only_for_avx2_code(monkeypatch, capability):
     from sb3_qchunk.common import torch_layers

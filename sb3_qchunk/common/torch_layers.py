@@ -68,6 +68,16 @@ ERF_LIMIT = 3.9
 # GELU(x) = x (1/2 + x' A(x'^2) / B(x'^2)) with x' = x clamped to sqrt(2) ERF_LIMIT: P and Q with z = x / sqrt(2) folded in.
 _GELU_A = [0.5 * p * 0.5**k / 2**0.5 for k, p in enumerate(ERF_P)]
 _GELU_B = [q * 0.5**k for k, q in enumerate(ERF_Q)]
+_GELU_A_DERIVATIVE = [k * a for k, a in enumerate(_GELU_A)][1:]  # A'(v), B'(v)
+_GELU_B_DERIVATIVE = [k * b for k, b in enumerate(_GELU_B)][1:]
+
+
+def _horner(coefficients: list[float], v: th.Tensor) -> th.Tensor:
+    """``sum_k coefficients[k] v^k`` by Horner's rule (at least two coefficients)."""
+    result = coefficients[-1] * v + coefficients[-2]
+    for c in coefficients[-3::-1]:
+        result = result * v + c
+    return result
 
 
 def rational_gelu(x: th.Tensor) -> th.Tensor:
@@ -77,12 +87,22 @@ def rational_gelu(x: th.Tensor) -> th.Tensor:
     """
     w = x.clamp(-(2**0.5) * ERF_LIMIT, 2**0.5 * ERF_LIMIT)
     v = w * w
-    a, b = _GELU_A[-1], _GELU_B[-1]
-    for c in _GELU_A[-2::-1]:
-        a = a * v + c
-    for c in _GELU_B[-2::-1]:
-        b = b * v + c
-    return x * (0.5 + w * a / b)
+    return x * (0.5 + w * _horner(_GELU_A, v) / _horner(_GELU_B, v))
+
+
+def rational_gelu_derivative(x: th.Tensor) -> th.Tensor:
+    """
+    The derivative of :func:`rational_gelu` written out (multiply-adds and divisions, no exponential), from ``x``
+    alone: ``1/2 + w R(w^2)``, plus ``w (R + 2 w^2 R')`` where the clamp lets ``w`` follow ``x`` (``R = A / B``, ``w``
+    the clamped ``x``). Within 2.2e-6 of the exact GELU's derivative in float32.
+    """
+    limit = 2**0.5 * ERF_LIMIT
+    w = x.clamp(-limit, limit)
+    v = w * w
+    ratio = _horner(_GELU_A, v) / _horner(_GELU_B, v)
+    slope = (_horner(_GELU_A_DERIVATIVE, v) - ratio * _horner(_GELU_B_DERIVATIVE, v)) / _horner(_GELU_B, v)  # R'(v)
+    inside = (x.abs() < limit).to(x.dtype)
+    return 0.5 + w * ratio + inside * w * (ratio + 2 * v * slope)
 
 
 def default_rational_gelu() -> bool:
