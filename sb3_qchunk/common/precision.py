@@ -130,9 +130,10 @@ def prefers_onednn_float32_matmuls() -> bool:
     (:class:`sb3_qchunk.common.compile_passes.OneDNNMatmuls`, in :func:`compile_options`): on AMD CPUs from Zen 5
     (family 26) whose ATen kernels run AVX-512. MKL runs its AVX2 kernels on AMD CPUs; Zen 5 executes AVX-512 at full
     width, and oneDNN's AVX-512 float32 matmul ran twice MKL's rate there (2-core AMD EPYC Zen 5, torch 2.13: a
-    256 x 512 x 512 matmul 480 GFLOP/s against 205). On Zen 4, which splits AVX-512 into two halves, the two
-    libraries were within ~10% of each other; Intel CPUs run MKL's AVX-512 kernels. Not where ``ONEDNN_MAX_CPU_ISA``
-    keeps oneDNN below AVX-512 (:func:`onednn_allows`).
+    256 x 512 x 512 matmul 480 GFLOP/s against 205). On Zen 4, which splits AVX-512 into two halves, oneDNN's layer
+    alone ran 1.1-1.4x MKL's, but the compiled update lost by it (QC-FQL small 0.91x the updates/s, paired; the paper
+    config within the noise); Intel CPUs run MKL's AVX-512 kernels. Not where ``ONEDNN_MAX_CPU_ISA`` keeps oneDNN
+    below AVX-512 (:func:`onednn_allows`).
     """
     avx512 = th.backends.cpu.get_cpu_capability() == "AVX512" and onednn_allows("AVX512_CORE")
     if cpu_vendor() != "AuthenticAMD" or not avx512:
