@@ -247,6 +247,12 @@ LEVERS = {
         "time from its amount of work",
         policy_kwargs=dict(compile_options={**SHIPPED, "cpp.dynamic_threads": True}),
     ),
+    "simdlen-256": Lever(
+        "the shipped inductor options with `cpp.simdlen=256`: inductor's generated kernels use 256-bit vectors (AVX2) "
+        "on a CPU whose ATen kernels run AVX-512 (Zen 4 executes 512-bit instructions as two 256-bit halves); ATen's "
+        "and oneDNN's kernels as shipped",
+        policy_kwargs=dict(compile_options={**SHIPPED, "cpp.simdlen": 256}),
+    ),
     "per-update-draws": Lever(
         "`train()` draws each update's batch and noise on its own (`QC.UPDATES_PER_DRAW = 1`) instead of those of up to 32 "
         "updates at once",
