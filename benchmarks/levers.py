@@ -1,6 +1,6 @@
 """
-Speed levers for the compiled fast path, measured one against the other in one process (issue 8: "measure each;
-keep what pays"). The baseline is the shipped fast path (``compile_update``, ``compile_sampling``,
+Speed levers for the compiled fast path, measured one against the other in one process (measure each,
+keep what pays). The baseline is the shipped fast path (``compile_update``, ``compile_sampling``,
 ``sampling_precision="auto"``, inductor options from :func:`sb3_qchunk.common.precision.compile_options`); each lever
 changes one thing on top of it: an inductor option taken back or set otherwise (what the shipped options gain),
 a kernel swapped in the no-gradient path, a global torch switch, the sampling precision, the way the update is

@@ -79,7 +79,8 @@ CONFIGS = {
 }
 ACTORS = ("best_of_n", "distill")  # QC's actor types, in the order of every table
 SMOKE_CONFIG = {"smoke": dict(net_arch=[16, 16], num_samples=2, n_updates=3, sac_updates=3)}
-# The authors' JAX code, measured on this machine type (issue 8), in updates/s: (best-of-N, QC-FQL).
+# The authors' JAX code as recorded once on a 2-core CPU, in updates/s: (best-of-N, QC-FQL); the `reference / SAC` column
+# of runs that do not time the reference themselves (`--reference-src` measures both in the same blocks).
 REFERENCE = {"small": (49.0, 139.0), "paper": (1.5, 20.6)}
 REFERENCE_SAC_SMALL = 147.0  # SB3 SAC in the same session as the reference's small numbers
 # The goals as multiples of the reference's rate on the same machine (``--reference`` or ``--reference-src``).
@@ -587,9 +588,12 @@ def bench_config(
         sampling_peak = peak16 if sampling_in_bf16 else float32_peak
         training_peak = peak16 if training == "bfloat16" else float32_peak
         bound_s = (flops - sampling_flops) / (training_peak * 1e9) + sampling_flops / (sampling_peak * 1e9)
-        issue_reference = REFERENCE.get(name, (None, None))[actor == "distill"]
-        ref_ratio = f"{issue_reference / REFERENCE_SAC_SMALL:.2f}" if issue_reference is not None and name == "small" else "-"
-        here = reference.get(actor)  # the reference measured on this machine (--reference), if given
+        here = reference.get(actor)  # the reference measured on this machine (--reference or --reference-src), if given
+        recorded = REFERENCE.get(name, (None, None))[actor == "distill"]
+        if worker is not None:  # the reference and SAC timed in the same interleaved blocks
+            ref_ratio = f"{here / sac_rate:.2f}"
+        else:
+            ref_ratio = f"{recorded / REFERENCE_SAC_SMALL:.2f}" if recorded is not None and name == "small" else "-"
         floor_key = (actor, precision, training, with_onednn)
         floor_rate = rates[f"floor {floor_key}"]  # matmul-only updates per second
         label = "fp32" if precision == "float32" else ("auto: bf16" if sampling_in_bf16 else "auto: fp32")
@@ -926,10 +930,14 @@ def main() -> None:
             "",
             *lines,
             "",
-            "`reference / SAC`: the authors' JAX code over SB3 SAC, both measured in one session on this machine type "
-            f"(issue 8: {REFERENCE['small'][0]:.0f} and {REFERENCE['small'][1]:.0f} updates/s against SAC's "
-            f"{REFERENCE_SAC_SMALL:.0f}); paper config, reference: {REFERENCE['paper'][0]} (best-of-N) and "
-            f"{REFERENCE['paper'][1]} (QC-FQL) updates/s. `QC / reference`: over the reference's rate measured on this "
+            "`reference / SAC`: the authors' JAX code over SB3 SAC, "
+            + (
+                "both timed in this run's interleaved blocks. "
+                if paired
+                else f"as recorded once on a 2-core CPU ({REFERENCE['small'][0]:.0f} and {REFERENCE['small'][1]:.0f} updates/s "
+                f"against SAC's {REFERENCE_SAC_SMALL:.0f}, small config only). "
+            )
+            + "`QC / reference`: over the reference's rate measured on this "
             f"machine ({'measured in the same interleaved blocks: `--reference-src`' if paired else (f'`{args.reference}`' if reference else 'not given: `--reference` or `--reference-src`')}); "
             "`reference act ms`: its `sample_actions` on one observation, in turns with our `predict` (paired runs only). "
             "`GFLOP/update`: ours, by `torch.utils.flop_counter` (matmuls); `reference GFLOP/update`: XLA's cost analysis of "

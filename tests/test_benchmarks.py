@@ -274,8 +274,14 @@ def test_throughput_paired_with_a_reference_checkout(tmp_path):
     rows = table_rows(report, "smoke")
     assert len(rows) == 6
     for row in rows:
-        qc, to_reference, reference_act_ms = float(row[3]), float(row[7]), float(row[9])
+        qc, sac, reference_to_sac, to_reference, reference_act_ms = float(row[3]), float(row[4]), float(row[6]), float(row[7]), float(row[9])
         assert to_reference >= qc / 500 - 0.01 and reference_act_ms >= 2.0
+        # reference / SAC from this run's timings of both (the reference's rate: qc / to_reference), not recorded
+        # ones; the bounds allow for the table's rounding of each column
+        low = (qc - 0.005) / (to_reference + 0.005) / (sac + 0.05) - 0.005
+        high = (qc + 0.005) / max(to_reference - 0.005, 1e-9) / max(sac - 0.05, 1e-9) + 0.005
+        assert low <= reference_to_sac <= high
+    assert "both timed in this run's interleaved blocks" in report
     assert "predict ms/chunk against the reference's act ms (paired)" in report
 
 
