@@ -253,6 +253,12 @@ LEVERS = {
         "and oneDNN's kernels as shipped",
         policy_kwargs=dict(compile_options={**SHIPPED, "cpp.simdlen": 256}),
     ),
+    "skip-guards": Lever(
+        "dynamo's guards skipped while the compiled code runs (`torch.compiler.set_stance(skip_guard_eval_unsafe=True)`): "
+        "for measurement only, what checking the compiled functions' inputs costs at each call (unsafe: a changed input "
+        "would run stale code)",
+        context=lambda: th.compiler.set_stance("default", skip_guard_eval_unsafe=True),
+    ),
     "per-update-draws": Lever(
         "`train()` draws each update's batch and noise on its own (`QC.UPDATES_PER_DRAW = 1`) instead of those of up to 32 "
         "updates at once",
