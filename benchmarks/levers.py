@@ -47,6 +47,7 @@ from throughput import (  # benchmarks/ is the script's directory
 
 from sb3_qchunk import QC
 from sb3_qchunk.common import torch_layers
+from sb3_qchunk.common.compile_passes import ChainedPasses, OneDNNMatmuls, UnfuseBiasAdd
 from sb3_qchunk.common.precision import compile_options
 
 
@@ -189,6 +190,16 @@ class Lever:
 SHIPPED = compile_options(th.device("cpu"))
 
 
+class OneDNNMatmulsNoBmm(OneDNNMatmuls):
+    """:class:`OneDNNMatmuls` for ``mm`` and ``addmm`` only: batched matmuls (the critic ensemble's) stay ATen's."""
+
+    def rewrites(self, target: Any, args: Any, kwargs: dict[str, Any]) -> bool:
+        return target is not th.ops.aten.bmm.default and super().rewrites(target, args, kwargs)
+
+    def __repr__(self) -> str:  # also inductor's cache key (``uuid``): not the full pass's
+        return f"OneDNNMatmulsNoBmm(min_dim={self.min_dim})"
+
+
 def without(option: str) -> dict:
     """The shipped inductor options less one."""
     return {key: value for key, value in SHIPPED.items() if key != option}
@@ -319,6 +330,12 @@ LEVERS = {
         "ATen's (MKL's): `compile_options(cpu, onednn_matmuls=True)` (`OneDNNMatmuls` after `UnfuseBiasAdd`; the "
         "default where `prefers_onednn_float32_matmuls()`)",
         policy_kwargs=dict(compile_options=compile_options(th.device("cpu"), onednn_matmuls=True)),
+        needs_mkldnn=True,
+    ),
+    "onednn-matmuls-no-bmm": Lever(
+        "`onednn-matmuls` for the compiled graphs' `mm` and `addmm` only: the critic ensemble's batched matmuls stay "
+        "ATen's (the full pass runs each batch member as its own oneDNN call and concatenates them)",
+        policy_kwargs=dict(compile_options=dict(SHIPPED, post_grad_custom_post_pass=ChainedPasses(UnfuseBiasAdd(), OneDNNMatmulsNoBmm()))),
         needs_mkldnn=True,
     ),
     "no-onednn-matmuls": Lever(
