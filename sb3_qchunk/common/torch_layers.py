@@ -99,8 +99,9 @@ def rational_gelu_derivative(x: th.Tensor) -> th.Tensor:
     limit = 2**0.5 * ERF_LIMIT
     w = x.clamp(-limit, limit)
     v = w * w
-    ratio = _horner(_GELU_A, v) / _horner(_GELU_B, v)
-    slope = (_horner(_GELU_A_DERIVATIVE, v) - ratio * _horner(_GELU_B_DERIVATIVE, v)) / _horner(_GELU_B, v)  # R'(v)
+    denominator = _horner(_GELU_B, v)
+    ratio = _horner(_GELU_A, v) / denominator
+    slope = (_horner(_GELU_A_DERIVATIVE, v) - ratio * _horner(_GELU_B_DERIVATIVE, v)) / denominator  # R'(v)
     inside = (x.abs() < limit).to(x.dtype)
     return 0.5 + w * ratio + inside * w * (ratio + 2 * v * slope)
 
