@@ -81,7 +81,7 @@ ACTORS = ("best_of_n", "distill")  # QC's actor types, in the order of every tab
 SMOKE_CONFIG = {"smoke": dict(net_arch=[16, 16], num_samples=2, n_updates=3, sac_updates=3)}
 # The authors' JAX code as recorded once on a 2-core CPU, in updates/s: (best-of-N, QC-FQL); the `reference / SAC` column
 # of runs that do not time the reference themselves (`--reference-src` measures both in the same blocks).
-REFERENCE = {"small": (49.0, 139.0), "paper": (1.5, 20.6)}
+REFERENCE = {"small": (49.0, 139.0)}
 REFERENCE_SAC_SMALL = 147.0  # SB3 SAC in the same session as the reference's small numbers
 # The goals as multiples of the reference's rate on the same machine (``--reference`` or ``--reference-src``).
 REFERENCE_GOALS = {"small": 1.5, "paper": 2.0}
@@ -589,11 +589,12 @@ def bench_config(
         training_peak = peak16 if training == "bfloat16" else float32_peak
         bound_s = (flops - sampling_flops) / (training_peak * 1e9) + sampling_flops / (sampling_peak * 1e9)
         here = reference.get(actor)  # the reference measured on this machine (--reference or --reference-src), if given
-        recorded = REFERENCE.get(name, (None, None))[actor == "distill"]
         if worker is not None:  # the reference and SAC timed in the same interleaved blocks
             ref_ratio = f"{here / sac_rate:.2f}"
+        elif name in REFERENCE:
+            ref_ratio = f"{REFERENCE[name][actor == 'distill'] / REFERENCE_SAC_SMALL:.2f}"
         else:
-            ref_ratio = f"{recorded / REFERENCE_SAC_SMALL:.2f}" if recorded is not None and name == "small" else "-"
+            ref_ratio = "-"
         floor_key = (actor, precision, training, with_onednn)
         floor_rate = rates[f"floor {floor_key}"]  # matmul-only updates per second
         label = "fp32" if precision == "float32" else ("auto: bf16" if sampling_in_bf16 else "auto: fp32")
