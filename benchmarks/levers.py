@@ -346,7 +346,7 @@ LEVERS = {
     "tanh-gelu": Lever("tanh-approximated GELU (the reference's activation, `jax.nn.gelu`) instead of erf GELU", apply=use_tanh_gelu),
     "rational-gelu": Lever(
         "the flow's and critics' compiled no-gradient GELUs compute erf as a rational function (multiply-adds and a "
-        "division, `rational_gelu`) on any CPU (shipped where ATen's kernels are AVX2); the same function within "
+        "division, `rational_gelu`) on any CPU (shipped on x86 CPUs without AMX); the same function within "
         "float32 rounding",
         context=functools.partial(setting, torch_layers, "RATIONAL_GELU", True),
     ),
@@ -362,7 +362,7 @@ LEVERS = {
     ),
     "inductor-erf-gelu": Lever(
         "the flow's and critics' compiled no-gradient GELUs with inductor's erf (exponential and division) on any CPU "
-        "(shipped: `rational_gelu` where ATen's kernels are AVX2)",
+        "(shipped: `rational_gelu` on x86 CPUs without AMX)",
         context=functools.partial(setting, torch_layers, "RATIONAL_GELU", False),
     ),
     "bf16-fpmath": Lever(

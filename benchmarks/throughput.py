@@ -36,6 +36,7 @@ slower moment of the machine does not favour one of them.
     python benchmarks/throughput.py --device cuda --sections updates          # on a GPU
     python benchmarks/throughput.py --reference benchmarks/results/reference_amd_epyc.json    # with QC / reference
     python benchmarks/throughput.py --sections updates --reference-src ../qc --reference-python ../qc-venv/bin/python  # paired
+    python benchmarks/throughput.py --sections updates --cores 1 --reference-src ../qc --reference-python ../qc-venv/bin/python  # one core each
     python benchmarks/throughput.py --smoke --out /tmp/throughput.md          # tiny, for the tests
 """
 
@@ -818,6 +819,24 @@ def retain_freed_memory() -> bool:
     return mallopt(_M_MMAP_THRESHOLD, RETAINED_MMAP_THRESHOLD) == 1 and mallopt(_M_TRIM_THRESHOLD, RETAINED_TRIM_THRESHOLD) == 1
 
 
+def use_cores(n_cores: int) -> None:
+    """
+    Run this process on the first ``n_cores`` of the cores it may use (CPU affinity), with as many torch threads. The
+    processes it starts afterwards inherit the affinity: the reference's worker (XLA sizes its thread pool by the cores
+    a process may use) and the fresh processes of the start-up times. Paired rates then compare both codes as a
+    training run that has one core of its own (e.g. one run per core) has them.
+
+    :param n_cores: between 1 and the number of cores this process may use
+    """
+    if not hasattr(os, "sched_setaffinity"):
+        raise ValueError("--cores needs CPU affinity (os.sched_setaffinity), which this platform does not have")
+    usable = sorted(os.sched_getaffinity(0))
+    if not 1 <= n_cores <= len(usable):
+        raise ValueError(f"--cores must be between 1 and the {len(usable)} cores this process may use, got {n_cores}")
+    os.sched_setaffinity(0, usable[:n_cores])
+    th.set_num_threads(n_cores)
+
+
 # Environment variables that change the rates, named in every report where set: malloc's settings (allocator.py), and
 # the instruction-set limits of ATen's kernels and inductor's code (ATEN_CPU_CAPABILITY), oneDNN, MKL and the
 # reference's XLA, with which a run on one CPU takes the code paths of an older one (e.g. AVX2 only).
@@ -833,8 +852,9 @@ MACHINE_SETTINGS = (
 
 
 def machine_line(device: str, threads: int | None = None) -> str:
-    """The CPU (model name, family and model, the instruction sets precisions depend on, ATen's vector width), cores,
-    torch and its threads (``threads``, or this process's), device and the settings of :data:`MACHINE_SETTINGS` set."""
+    """The CPU (model name, family and model, the instruction sets precisions depend on, ATen's vector width), cores
+    (and how many of them this process may use where that is fewer), torch and its threads (``threads``, or this
+    process's), device and the settings of :data:`MACHINE_SETTINGS` set."""
     cpu = platform.processor() or platform.machine()
     facts: list[str] = []
     try:
@@ -860,7 +880,10 @@ def machine_line(device: str, threads: int | None = None) -> str:
         cpu += f"; GPU {th.cuda.get_device_name()}"
     settings = [f"{name}={os.environ[name]}" for name in MACHINE_SETTINGS if os.environ.get(name)]
     settings_text = f", {' '.join(settings)}" if settings else ""
-    return f"{cpu}, {os.cpu_count()} cores, torch {th.__version__} ({threads or th.get_num_threads()} threads), device {device}{settings_text}"
+    total = os.cpu_count() or 0
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else total
+    cores = f"{total} cores" + (f" ({usable} used by this run: CPU affinity)" if usable < total else "")
+    return f"{cpu}, {cores}, torch {th.__version__} ({threads or th.get_num_threads()} threads), device {device}{settings_text}"
 
 
 def report_header(title: str, device: str, retained_memory: bool = False) -> list[str]:
@@ -901,10 +924,17 @@ def main() -> None:
                         "ColinQiyangLi/qc): measure it in the same interleaved blocks (needs --reference-python; see benchmarks/reference.py)")
     parser.add_argument("--reference-python", type=str, default=None, help="the Python of a venv with the reference's "
                         "requirements (jax, flax, optax, ...)")
+    parser.add_argument("--cores", type=int, default=None, help="run on this many of the machine's cores (CPU affinity), "
+                        "with as many torch threads; the reference's worker too (default: all, torch's default threads)")
     parser.add_argument("--out", type=str, default=None, help="write the markdown report to this file")
     args = parser.parse_args()
     if (args.reference_src is None) != (args.reference_python is None):
         parser.error("--reference-src and --reference-python go together")
+    if args.cores is not None:
+        try:
+            use_cores(args.cores)
+        except ValueError as error:
+            parser.error(str(error))
     paired = (args.reference_python, args.reference_src) if args.reference_src is not None else None
     reference = load_reference(args.reference) if args.reference else None
 

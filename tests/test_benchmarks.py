@@ -417,3 +417,30 @@ def test_allocator_env_words_are_checked():
     assert allocator.parse_env(["A=1", "B=x=y"]) == {"A": "1", "B": "x=y"}
     with pytest.raises(SystemExit, match="NAME=VALUE"):
         allocator.parse_env(["LD_PRELOAD"])
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs CPU affinity and 2 cores")
+def test_use_cores_pins_the_run_and_its_workers_and_says_so():
+    """``--cores 1``: this process and the processes it starts run on one core with one torch thread; the report's
+    machine line names it; a count outside 1..usable cores is refused with a message."""
+    script = (
+        "import os, subprocess, sys, torch as th\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "import throughput\n"
+        "for bad in (0, len(os.sched_getaffinity(0)) + 1):\n"
+        "    try:\n"
+        "        throughput.use_cores(bad)\n"
+        "    except ValueError as error:\n"
+        "        assert '--cores must be between 1 and' in str(error), error\n"
+        "    else:\n"
+        "        raise AssertionError(bad)\n"
+        "throughput.use_cores(1)\n"
+        "child = subprocess.run([sys.executable, '-c', 'import os; print(len(os.sched_getaffinity(0)))'], capture_output=True, text=True, check=True)\n"
+        "print(len(os.sched_getaffinity(0)), th.get_num_threads(), child.stdout.strip())\n"
+        "print(throughput.machine_line('cpu'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(ROOT / "benchmarks")], capture_output=True, text=True, check=True).stdout
+    counts, line = out.strip().splitlines()
+    assert counts.split() == ["1", "1", "1"]
+    assert f"{os.cpu_count()} cores (1 used by this run: CPU affinity)" in line and "(1 threads)" in line
+    assert "used by this run" not in benchmark_module("throughput").machine_line("cpu")  # all cores: nothing added

@@ -932,12 +932,15 @@ def test_rational_gelu_derivative_is_the_derivative_of_rational_gelu():
     assert (rational_gelu_derivative(x32.detach()) - exact).abs().max() < 2.2e-6
 
 
+@pytest.mark.parametrize("amx", [False, True])
 @pytest.mark.parametrize("capability", ["AVX2", "AVX512", "DEFAULT"])
-def test_rational_gelu_by_default_only_for_avx2_code(monkeypatch, capability):
+def test_rational_gelu_by_default_for_x86_code_except_with_amx(monkeypatch, capability, amx):
+    """AVX2 code always; AVX-512 code where oneDNN has no AMX to run bf16 on; never for other code (e.g. ARM's)."""
     from sb3_qchunk.common import torch_layers
 
     monkeypatch.setattr(th.backends.cpu, "get_cpu_capability", lambda: capability)
-    assert torch_layers.default_rational_gelu() == (capability == "AVX2")
+    monkeypatch.setattr(torch_layers, "has_usable_amx", lambda: amx)
+    assert torch_layers.default_rational_gelu() == (capability == "AVX2" or (capability == "AVX512" and not amx))
 
 
 @pytest.mark.parametrize("rational", [False, True])

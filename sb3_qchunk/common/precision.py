@@ -142,6 +142,11 @@ def prefers_onednn_float32_matmuls() -> bool:
     return family is not None and family >= 26 and th.backends.mkldnn.is_available()
 
 
+def has_usable_amx() -> bool:
+    """Whether this CPU has AMX tiles and oneDNN may use them (not kept below AMX by ``ONEDNN_MAX_CPU_ISA``)."""
+    return getattr(th.cpu, "_is_amx_tile_supported", lambda: False)() and onednn_allows("AVX10_1_512_AMX")
+
+
 @functools.cache
 def has_fast_bf16(device_type: str) -> bool:
     """
@@ -157,8 +162,7 @@ def has_fast_bf16(device_type: str) -> bool:
     if not has_native_bf16(device_type):
         return False
     if device_type == "cpu":
-        amx = getattr(th.cpu, "_is_amx_tile_supported", lambda: False)() and onednn_allows("AVX10_1_512_AMX")
-        return amx or cpu_vendor() == "AuthenticAMD"
+        return has_usable_amx() or cpu_vendor() == "AuthenticAMD"
     return True
 
 

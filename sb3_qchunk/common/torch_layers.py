@@ -10,7 +10,7 @@ from torch.nn import functional as F
 from torch.nn.modules import module as module_internals
 from torch.utils.flop_counter import register_flop_formula
 
-from sb3_qchunk.common.precision import onednn_allows
+from sb3_qchunk.common.precision import has_usable_amx, onednn_allows
 
 # nn.Module.__call__ runs a module's forward hooks and backward hooks from these registries besides the module's own.
 _GLOBAL_HOOKS = (
@@ -35,7 +35,7 @@ def direct_call(module: nn.Module, dtype: th.dtype | None = None) -> Callable[[t
     numbers as autocast's own casts, which it would redo at every call where its cache of casts is off (in
     ``torch.inference_mode``, where the chunk choice runs, and in compiled code).
 
-    While ``torch.compile`` traces code without gradient where ``RATIONAL_GELU`` is set (AVX2 code,
+    While ``torch.compile`` traces code without gradient where ``RATIONAL_GELU`` is set (x86 CPUs without AMX,
     :func:`default_rational_gelu`), an erf ``nn.GELU`` becomes :func:`rational_gelu` on CPU tensors.
 
     :param module: the layer
@@ -109,13 +109,14 @@ def rational_gelu_derivative(x: th.Tensor) -> th.Tensor:
 def default_rational_gelu() -> bool:
     """
     Whether compiled no-gradient code (the sampling path: the flow's Euler steps, the critic's scoring of candidates)
-    computes its erf GELUs as :func:`rational_gelu`: where ATen's kernels, and so inductor's generated code, are AVX2
-    (an AVX2-only CPU, or ``ATEN_CPU_CAPABILITY=avx2``), whose 8-float vectors make inductor's erf (an exponential and
-    a division) cost the most. Measured with the compiled updates on a Xeon held to AVX2 (paired, in turns):
-    best-of-N 1.09-1.11x the updates/s, QC-FQL 1.04-1.12x (less sure); with AVX-512 code 1.03-1.04x on a Xeon
-    without AMX and a Zen 5, 0.95x on a Xeon with AMX: there inductor's erf stays.
+    computes its erf GELUs as :func:`rational_gelu`: on x86 CPUs whose ATen kernels, and so inductor's generated code,
+    are AVX2 or AVX-512, except where oneDNN runs bf16 matmuls on AMX. Measured with the compiled updates, paired (in
+    turns), best-of-N small's updates/s: 1.09-1.11x on a Xeon held to AVX2 (AVX2 code, whose 8-float vectors make
+    inductor's erf, an exponential and a division, cost the most), 1.06-1.07x on an AMD Zen 4, 1.03-1.04x on a Zen 5
+    and on a Xeon without AMX; QC-FQL's within the noise (0.99-1.04x). With AMX, 0.95x: there inductor's erf stays.
     """
-    return th.backends.cpu.get_cpu_capability() == "AVX2"
+    capability = th.backends.cpu.get_cpu_capability()
+    return capability == "AVX2" or (capability == "AVX512" and not has_usable_amx())
 
 
 # Read while torch.compile traces (a plain value: dynamo guards on it, so changing it recompiles).
