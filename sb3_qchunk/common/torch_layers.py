@@ -115,7 +115,8 @@ def default_rational_gelu() -> bool:
     inductor's erf, an exponential and a division, cost the most), 1.06-1.07x on an AMD Zen 4, 1.03-1.04x on a Zen 5
     and on a Xeon without AMX; QC-FQL's 1.04-1.12x with AVX2 code (less sure), within the noise elsewhere (1.00-1.02x).
     With AMX, 0.95x: there inductor's erf stays. The longer graph costs cold compilation a few seconds more, once per
-    machine (inductor's on-disk cache keeps it): 4-7 s for a tiny best-of-N model's first update and action on a Zen 4.
+    machine (inductor's on-disk cache keeps it): ~4 s each for a tiny best-of-N model's first updates and first action
+    on a Zen 4.
     """
     capability = th.backends.cpu.get_cpu_capability()
     return capability == "AVX2" or (capability == "AVX512" and not has_usable_amx())
